@@ -1,0 +1,214 @@
+"""PEFT adapter folders (adapter_config.json + adapter_model.safetensors) <-> lorakit adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.config import TARGET_SHORTHANDS, LoraConfig, config_from_peft_dict, peft_config_dict
+from lorakit.errors import LorakitError
+from lorakit.inject import _modules_to_save_targets, add_adapter, adapter_configs, resolve_targets
+from lorakit.lora import LoraConv2d, LoraEmbedding, LoraLayer, ModulesToSave, is_conv1d
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's saved key names (adapter name stripped)."""
+    config = _config(model, name)
+    state: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and name in module.scaling:
+            if isinstance(module, LoraEmbedding):
+                state[f"{PREFIX}{path}.lora_embedding_A"] = module.lora_embedding_A[name]
+                state[f"{PREFIX}{path}.lora_embedding_B"] = module.lora_embedding_B[name]
+            else:
+                state[f"{PREFIX}{path}.lora_A.weight"] = module.lora_A[name].weight
+                state[f"{PREFIX}{path}.lora_B.weight"] = module.lora_B[name].weight
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            for key, tensor in module.modules_to_save[name].state_dict().items():
+                state[f"{PREFIX}{path}.{key}"] = tensor
+    if config.bias == "all":
+        for key, param in model.named_parameters():
+            if key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key:
+                state[f"{PREFIX}{key}"] = param
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def _config(model: nn.Module, name: str) -> LoraConfig:
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise LorakitError(f"no adapter named {name!r}; this model has {sorted(configs) or 'none'}")
+    return configs[name]
+
+
+def saved_target_modules(model: nn.Module, name: str) -> list[str] | str | None:
+    """target_modules as written to disk: shorthands resolved to full names, as PEFT >= 0.15 does."""
+    targets = _config(model, name).target_modules
+    if isinstance(targets, str) and targets not in TARGET_SHORTHANDS:
+        return targets
+    if targets is None or isinstance(targets, str):
+        return sorted(p for p, m in model.named_modules() if isinstance(m, LoraLayer) and name in m.scaling)
+    return targets
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` as a PEFT folder that `peft.PeftModel.from_pretrained` loads; atomic."""
+    config = _config(model, name)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    data = peft_config_dict(config, saved_target_modules(model, name))
+    if data.get("base_model_name_or_path") is None:
+        data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    tensors = adapter_state_dict(model, name)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        Path(tmp, CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
+        os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
+    return out
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """Parse and validate a PEFT adapter_config.json (a folder or the file itself)."""
+    file = Path(path)
+    file = file / CONFIG_NAME if file.is_dir() else file
+    if not file.is_file():
+        raise LorakitError(f"{file}: no such file; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LorakitError(f"{file}: not valid JSON ({exc}); re-save the adapter") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return config_from_peft_dict(data, str(file))
+    except TypeError as exc:
+        raise LorakitError(f"{file}: {exc}") from None
+    except LorakitError as exc:
+        msg = str(exc)
+        raise LorakitError(msg if msg.startswith(str(file)) else f"{file}: {msg}") from None
+
+
+def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load adapter_model.safetensors (never a pickle), with a clear error for a bad file."""
+    file = Path(path)
+    file = file / WEIGHTS_NAME if file.is_dir() else file
+    if not file.is_file():
+        bin_file = file.with_name("adapter_model.bin")
+        hint = " (a pickled adapter_model.bin is not loaded, for safety: re-save with safetensors)" \
+            if bin_file.is_file() else ""
+        raise LorakitError(f"{file}: no such file{hint}")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LorakitError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """The saved keys and shapes an adapter with `config` must have on `model`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in resolve_targets(model, config):
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        r = config.rank_for(path)
+        key = PREFIX + path
+        if isinstance(module, LoraEmbedding) or isinstance(base, nn.Embedding):
+            shapes[f"{key}.lora_embedding_A"] = (r, base.num_embeddings)
+            shapes[f"{key}.lora_embedding_B"] = (base.embedding_dim, r)
+        elif isinstance(module, LoraConv2d) or isinstance(base, nn.Conv2d):
+            shapes[f"{key}.lora_A.weight"] = (r, base.in_channels, *base.kernel_size)
+            shapes[f"{key}.lora_B.weight"] = (base.out_channels, r, 1, 1)
+        else:
+            fan_in, fan_out = (tuple(base.weight.shape) if is_conv1d(base)
+                               else (base.in_features, base.out_features))
+            shapes[f"{key}.lora_A.weight"] = (r, fan_in)
+            shapes[f"{key}.lora_B.weight"] = (fan_out, r)
+    for path in _modules_to_save_targets(model, config):
+        module = model.get_submodule(path)
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        for key, tensor in original.state_dict().items():
+            shapes[f"{PREFIX}{path}.{key}"] = tuple(tensor.shape)
+    return shapes
+
+
+def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                   model: nn.Module, config: LoraConfig) -> None:
+    params = {PREFIX + k: tuple(p.shape) for k, p in model.named_parameters()}
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise LorakitError(f"{file}: missing key {key!r}: the adapter was made for another model "
+                               f"or other target_modules")
+        if tuple(tensors[key].shape) != shape:
+            raise LorakitError(f"{file}: key {key!r} has shape {tuple(tensors[key].shape)}, "
+                               f"the model needs {shape}: the adapter was made for another model")
+    for key, tensor in tensors.items():
+        if key in expected:
+            continue
+        if config.bias != "none" and key.endswith(".bias") and params.get(key) == tuple(tensor.shape):
+            continue
+        raise LorakitError(f"{file}: unexpected key {key!r}: the model has no matching adapter slot")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise LorakitError(f"{file}: key {key!r} has dtype {tensor.dtype}; adapter weights are floats")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default",
+                 is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT (or lorakit) adapter folder as adapter `name`; the model is unchanged on error."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LorakitError(f"{folder}: not a folder; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if name in adapter_configs(model):
+        raise LorakitError(f"adapter {name!r} already exists on this model; pick another name or delete it")
+    config = read_adapter_config(folder)
+    tensors = read_adapter_tensors(folder)
+    try:
+        expected = expected_adapter_shapes(model, config)
+    except LorakitError as exc:
+        raise LorakitError(f"{folder / CONFIG_NAME}: {exc}") from None
+    _check_tensors(folder / WEIGHTS_NAME, tensors, expected, model, config)
+    add_adapter(model, config, name)
+    _copy_adapter_tensors(model, name, tensors, config)
+    if not is_trainable:
+        for key, param in model.named_parameters():
+            if f".{name}." in f"{key}." and any(p in key for p in ("lora_", "modules_to_save")):
+                param.requires_grad_(False)
+    return model
+
+
+def _copy_adapter_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
+                          config: LoraConfig) -> None:
+    own = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraEmbedding) and name in module.scaling:
+            own[f"{PREFIX}{path}.lora_embedding_A"] = module.lora_embedding_A[name]
+            own[f"{PREFIX}{path}.lora_embedding_B"] = module.lora_embedding_B[name]
+        elif isinstance(module, LoraLayer) and name in module.scaling:
+            own[f"{PREFIX}{path}.lora_A.weight"] = module.lora_A[name].weight
+            own[f"{PREFIX}{path}.lora_B.weight"] = module.lora_B[name].weight
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            for key, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
+                own[f"{PREFIX}{path}.{key}"] = tensor
+    if config.bias != "none":
+        own.update({PREFIX + k: p for k, p in model.named_parameters() if k.endswith(".bias")})
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = own[key]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+__all__ = [
+    "adapter_state_dict", "save_adapter", "load_adapter", "read_adapter_config", "read_adapter_tensors",
+    "expected_adapter_shapes",
+]
