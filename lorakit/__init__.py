@@ -18,12 +18,38 @@ from lorakit.inject import (
     unmerge_adapters,
 )
 from lorakit.peft_format import adapter_state_dict, load_adapter, save_adapter
+from lorakit.quant import QuantConfig, quantize_model
+
+
+def load_model(spec: str = "smollm2-135m-instruct", **kwargs):
+    """(model, tokenizer) from the embedded name, a HF folder, a .gguf or a .safetensors file."""
+    from lorakit.models import load_model as _load_model  # transformers is imported only when needed
+
+    return _load_model(spec, **kwargs)
+
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "LorakitError", "active_adapters", "add_adapter", "adapter_state_dict", "delete_adapter",
-    "disable_adapters", "format_trainable_parameters", "load_adapter", "merge_adapters",
-    "print_trainable_parameters", "resolve_targets", "save_adapter", "set_adapter",
-    "trainable_base_parameters", "trainable_parameters", "unload", "unmerge_adapters",
+    "LoraConfig",
+    "LorakitError",
+    "QuantConfig",
+    "active_adapters",
+    "adapter_state_dict",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "format_trainable_parameters",
+    "load_adapter",
+    "load_model",
+    "merge_adapters",
+    "print_trainable_parameters",
+    "quantize_model",
+    "resolve_targets",
+    "save_adapter",
+    "set_adapter",
+    "trainable_base_parameters",
+    "trainable_parameters",
+    "unload",
+    "unmerge_adapters",
 ]

@@ -47,7 +47,8 @@ class LoraConfig:
             self.layers_to_transform = [self.layers_to_transform]
         _check_rank("r", self.r)
         _check_alpha("lora_alpha", self.lora_alpha)
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise LorakitError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_CHOICES:
             raise LorakitError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")

@@ -1,5 +1,19 @@
-"""The one exception type user mistakes raise; the CLI prints it as a single line."""
+"""The exception types user-facing failures raise; the CLI prints them as one line with an exit code."""
 
 
 class LorakitError(ValueError):
     """A bad input or file: the message says what, where, and how to fix it."""
+
+    exit_code = 2
+
+
+class TrainingStopped(LorakitError):
+    """A run stopped on purpose (NaN loss); its last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+class TrainingInterrupted(LorakitError):
+    """Ctrl-C: a checkpoint was saved and the run can be resumed."""
+
+    exit_code = 130

@@ -312,18 +312,22 @@ def _merged_base(layer: LoraLayer, requantize: bool) -> nn.Module:
     return plain.requires_grad_(False)
 
 
-def _logical_numel(module: nn.Module) -> int:
+def _logical_numel(module: nn.Module, own: list[nn.Parameter]) -> int:
     # A 4-bit layer stores two weights per byte; count the weights it represents, as PEFT does.
     if is_quantized(module):
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        return module.in_features * module.out_features + own
-    return sum(p.numel() for p in module.parameters(recurse=False))
+        return module.in_features * module.out_features + sum(p.numel() for p in own)
+    return sum(p.numel() for p in own)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the parameters they encode."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(_logical_numel(m) for m in model.modules())
+    total, seen = 0, set()
+    for module in model.modules():
+        # Tied weights (GPT-2's lm_head is wte) are one parameter; PEFT counts them once.
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        total += _logical_numel(module, own)
     return trainable, total
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from lorakit.config import TARGET_SHORTHANDS, LoraConfig, config_from_peft_dict, peft_config_dict
 from lorakit.errors import LorakitError
-from lorakit.inject import _modules_to_save_targets, add_adapter, adapter_configs, resolve_targets
+from lorakit.inject import _modules_to_save_targets, adapter_configs, add_adapter, resolve_targets
 from lorakit.lora import LoraConv2d, LoraEmbedding, LoraLayer, ModulesToSave, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
@@ -37,11 +37,19 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for key, tensor in module.modules_to_save[name].state_dict().items():
                 state[f"{PREFIX}{path}.{key}"] = tensor
-    if config.bias == "all":
-        for key, param in model.named_parameters():
-            if key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key:
-                state[f"{PREFIX}{key}"] = param
+    state.update(_bias_params(model, name, config.bias))
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def _bias_params(model: nn.Module, name: str, bias: str) -> dict[str, torch.Tensor]:
+    """The base biases PEFT saves with bias='all' (every one) or 'lora_only' (the adapted layers')."""
+    if bias == "none":
+        return {}
+    lora_biases = {f"{p}.base_layer.bias" for p, m in model.named_modules()
+                   if isinstance(m, LoraLayer) and name in m.scaling}
+    return {PREFIX + key: param for key, param in model.named_parameters()
+            if key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key
+            and (bias == "all" or key in lora_biases)}
 
 
 def _config(model: nn.Module, name: str) -> LoraConfig:
@@ -67,6 +75,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     data = peft_config_dict(config, saved_target_modules(model, name))
+    if any(getattr(m, "fan_in_fan_out", False) and name in m.scaling for m in model.modules()
+           if isinstance(m, LoraLayer)):
+        # PEFT flips this on for Conv1D targets (GPT-2) and saves it so; loading warns otherwise.
+        data["fan_in_fan_out"] = True
     if data.get("base_model_name_or_path") is None:
         data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
     tensors = adapter_state_dict(model, name)
@@ -142,9 +154,27 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
     return shapes
 
 
+def optional_bias_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """Base-bias keys an adapter with bias='all'/'lora_only' may carry, named as after wrapping."""
+    if config.bias == "none":
+        return {}
+    targets = set(resolve_targets(model, config))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, param in model.named_parameters():
+        if not key.endswith(".bias") or ".modules_to_save." in key or ".original_module." in key:
+            continue
+        owner = key[: -len(".bias")].removesuffix(".base_layer")
+        if owner in targets:
+            # PEFT saves a wrapped layer's bias under `<path>.base_layer.bias`.
+            shapes[f"{PREFIX}{owner}.base_layer.bias"] = tuple(param.shape)
+        elif config.bias == "all":
+            shapes[PREFIX + key] = tuple(param.shape)
+    return shapes
+
+
 def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
                    model: nn.Module, config: LoraConfig) -> None:
-    params = {PREFIX + k: tuple(p.shape) for k, p in model.named_parameters()}
+    biases = optional_bias_shapes(model, config)
     for key, shape in expected.items():
         if key not in tensors:
             raise LorakitError(f"{file}: missing key {key!r}: the adapter was made for another model "
@@ -155,7 +185,7 @@ def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[
     for key, tensor in tensors.items():
         if key in expected:
             continue
-        if config.bias != "none" and key.endswith(".bias") and params.get(key) == tuple(tensor.shape):
+        if biases.get(key) == tuple(tensor.shape):
             continue
         raise LorakitError(f"{file}: unexpected key {key!r}: the model has no matching adapter slot")
     for key, tensor in tensors.items():
@@ -200,8 +230,7 @@ def _copy_adapter_tensors(model: nn.Module, name: str, tensors: dict[str, torch.
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for key, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
                 own[f"{PREFIX}{path}.{key}"] = tensor
-    if config.bias != "none":
-        own.update({PREFIX + k: p for k, p in model.named_parameters() if k.endswith(".bias")})
+    own.update(_bias_params(model, name, config.bias))
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = own[key]

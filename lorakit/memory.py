@@ -1,0 +1,424 @@
+"""Memory estimator: predicts the peak memory of a fine-tuning run from the model's shape alone.
+
+The accounting (docs/memory.md has the derivation and a measured check):
+- full fine-tune, AdamW, mixed precision: bf16 weights 2 + fp32 master 4 + bf16 grads 2 + fp32 Adam
+  m, v 8 = 16 bytes/param (18 with fp32 grads, `grad_dtype=torch.float32`);
+- LoRA: frozen base in the compute dtype (2 bytes/param) + the adapter with full training state;
+- QLoRA: decoder linears in NF4 (0.5 byte/param + absmax: 0.5 bit/param in fp32 at block 64, ~0.127
+  bit/param with double quant), embeddings/norms/head in the compute dtype, adapter as in LoRA.
+Peak = persistent state + max(activations + logits, gradients): during backward, each layer's saved
+activations are freed as its gradients appear, so the two do not add up. With gradient checkpointing
+the recomputed layer and the logits are never alive together, so only the larger of them counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import weakref
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lorakit.errors import LorakitError
+
+GB = 1e9
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+TARGET_PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP,
+                  "qv": ("q_proj", "v_proj")}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers that fix a decoder-only transformer's memory (Llama/Mistral/Qwen2 or GPT-2 block)."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tie_word_embeddings: bool = False
+    head_dim: int = 0  # 0: hidden // heads
+    gated_mlp: bool = True  # gate/up/down (Llama) vs fc/proj (GPT-2)
+    qkv_bias: bool = False  # Qwen2
+    all_bias: bool = False  # GPT-2: every linear and norm has a bias
+    positions: int = 0  # learned position embeddings (GPT-2); 0 for RoPE
+    name: str = ""
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> ModelShape:
+        """Read a transformers config.json dict (Llama, Mistral, Qwen2, Gemma-like, or GPT-2)."""
+        if "n_embd" in config:  # GPT-2 keys
+            hidden = config["n_embd"]
+            return cls(vocab=config["vocab_size"], hidden=hidden,
+                       intermediate=config.get("n_inner") or 4 * hidden,
+                       layers=config["n_layer"], heads=config["n_head"], kv_heads=config["n_head"],
+                       tie_word_embeddings=config.get("tie_word_embeddings", True), gated_mlp=False,
+                       all_bias=True, positions=config.get("n_positions", 1024),
+                       name=config.get("_name_or_path", "") or "gpt2")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [key for key in required if key not in config]
+        if missing:
+            raise LorakitError(f"ModelShape.from_hf_config: config lacks {missing}; pass a Llama/Mistral/"
+                               f"Qwen2/GPT-2 style config.json (model_type={config.get('model_type')!r})")
+        return cls(vocab=config["vocab_size"], hidden=config["hidden_size"],
+                   intermediate=config["intermediate_size"], layers=config["num_hidden_layers"],
+                   heads=config["num_attention_heads"],
+                   kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                   tie_word_embeddings=config.get("tie_word_embeddings", False),
+                   head_dim=config.get("head_dim") or 0, qkv_bias=config.get("model_type") == "qwen2",
+                   name=config.get("_name_or_path", "") or config.get("model_type", ""))
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelShape:
+        """A preset: llama-1b/3b/7b/8b/13b/65b/70b (or just '7b'), smollm2-135m."""
+        key = name.lower().removesuffix("-instruct")
+        key = _ALIASES.get(key, key)
+        if key not in PRESETS:
+            raise LorakitError(f"unknown model preset {name!r}; use one of {sorted(PRESETS)} "
+                               f"or a path to a config.json / Hugging Face model folder")
+        return PRESETS[key]
+
+
+def _llama(name, vocab, hidden, inter, layers, heads, kv, tie=False, head_dim=0) -> ModelShape:
+    return ModelShape(vocab, hidden, inter, layers, heads, kv, tie, head_dim, name=name)
+
+
+PRESETS = {shape.name: shape for shape in (
+    _llama("smollm2-135m", 49152, 576, 1536, 30, 9, 3, tie=True),
+    _llama("llama-1b", 128256, 2048, 8192, 16, 32, 8, tie=True, head_dim=64),  # Llama 3.2 1B
+    _llama("llama-3b", 128256, 3072, 8192, 28, 24, 8, tie=True, head_dim=128),  # Llama 3.2 3B
+    _llama("llama-7b", 32000, 4096, 11008, 32, 32, 32),  # Llama 2 7B
+    _llama("llama-8b", 128256, 4096, 14336, 32, 32, 8),  # Llama 3 8B
+    _llama("llama-13b", 32000, 5120, 13824, 40, 40, 40),  # Llama 2 13B
+    _llama("llama-65b", 32000, 8192, 22016, 80, 64, 64),  # LLaMA 65B (the QLoRA paper's)
+    _llama("llama-70b", 32000, 8192, 28672, 80, 64, 8),  # Llama 2 70B
+)}
+_ALIASES = {"1b": "llama-1b", "3b": "llama-3b", "7b": "llama-7b", "8b": "llama-8b", "13b": "llama-13b",
+            "65b": "llama-65b", "70b": "llama-70b", "smollm2-135m-instruct": "smollm2-135m",
+            "smollm2": "smollm2-135m"}
+
+
+def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear in one decoder block, by its Llama module name."""
+    h, q_out, kv_out = shape.hidden, shape.heads * shape.dim_head, shape.kv_heads * shape.dim_head
+    attention = {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h)}
+    if shape.gated_mlp:
+        mlp = {"gate_proj": (h, shape.intermediate), "up_proj": (h, shape.intermediate),
+               "down_proj": (shape.intermediate, h)}
+    else:  # GPT-2's c_fc/c_proj, named as up/down so targets read the same
+        mlp = {"up_proj": (h, shape.intermediate), "down_proj": (shape.intermediate, h)}
+    return {**attention, **mlp}
+
+
+def parameter_tensors(shape: ModelShape) -> list[tuple[str, int]]:
+    """(name, numel) of every parameter tensor; decoder linears are named 'layers.{i}.{proj}'."""
+    tensors = [("embed_tokens", shape.vocab * shape.hidden)]
+    if shape.positions:
+        tensors.append(("embed_positions", shape.positions * shape.hidden))
+    norm_numel = 2 * shape.hidden if shape.all_bias else shape.hidden
+    for i in range(shape.layers):
+        for proj, (fan_in, fan_out) in linear_shapes(shape).items():
+            tensors.append((f"layers.{i}.{proj}", fan_in * fan_out))
+            if shape.all_bias or (shape.qkv_bias and proj in ("q_proj", "k_proj", "v_proj")):
+                tensors.append((f"layers.{i}.{proj}.bias", fan_out))
+        tensors += [(f"layers.{i}.input_norm", norm_numel), (f"layers.{i}.post_attention_norm", norm_numel)]
+    tensors.append(("norm", norm_numel))
+    if not shape.tie_word_embeddings:
+        tensors.append(("lm_head", shape.vocab * shape.hidden))
+    return tensors
+
+
+def parameter_count(shape: ModelShape) -> int:
+    """Total parameters of the model."""
+    return sum(numel for _, numel in parameter_tensors(shape))
+
+
+def resolve_targets(targets: str | tuple[str, ...] | list[str], shape: ModelShape) -> tuple[str, ...]:
+    """Module names a LoRA targets: a preset (all-linear, attention, mlp, qv) or a list of names."""
+    names = TARGET_PRESETS.get(targets) if isinstance(targets, str) else tuple(targets)
+    known = tuple(linear_shapes(shape))
+    if names is None or not names or any(name not in known for name in names):
+        raise LorakitError(f"estimate: targets={targets!r} not understood; use one of "
+                           f"{sorted(TARGET_PRESETS)} or a list of names from {known}")
+    return names
+
+
+def adapter_tensors(shape: ModelShape, rank: int, targets) -> list[tuple[str, int]]:
+    """(name, numel) of every LoRA tensor: A is r x in, B is out x r, for each target in each layer."""
+    if not isinstance(rank, int) or rank < 1:
+        raise LorakitError(f"estimate: rank must be a positive int, got {rank!r}")
+    linears = linear_shapes(shape)
+    tensors = []
+    for i in range(shape.layers):
+        for proj in resolve_targets(targets, shape):
+            fan_in, fan_out = linears[proj]
+            tensors += [(f"layers.{i}.{proj}.lora_A", rank * fan_in),
+                        (f"layers.{i}.{proj}.lora_B", fan_out * rank)]
+    return tensors
+
+
+def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> float:
+    """Bytes of one NF4 weight: packed nibbles, absmax (fp32, or uint8 + nested fp32), code tables."""
+    blocks = math.ceil(numel / blocksize)
+    packed = math.ceil(numel / 2)
+    if not double_quant:
+        return packed + 4 * blocks + 16 * 4
+    # uint8 absmax + one fp32 absmax per 256 of them + the 256-entry nested code + the fp32 offset
+    return packed + blocks + 4 * math.ceil(blocks / 256) + 256 * 4 + 4 + 16 * 4
+
+
+def optimizer_state_bytes(numel: int, optimizer: str, state_bytes: int = 4,
+                          min_8bit_size: int = 4096) -> float:
+    """Adam's m and v for one tensor: 2 x state_bytes each, or 8-bit blockwise (256) with fp32 absmax."""
+    if optimizer == "adamw" or numel < min_8bit_size:
+        return 2 * state_bytes * numel if optimizer == "adamw" else 8 * numel
+    return 2 * numel + 2 * 4 * math.ceil(numel / 256)
+
+
+def norm_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> float:
+    """An HF RMSNorm saves its input in fp32 (a copy unless fp32), the fp32 rsqrt, and two compute-dtype
+    tensors (the normalized input and its product with the weight)."""
+    return tokens * (shape.hidden * (4 + 2 * dtype_bytes) + 4)
+
+
+def layer_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> float:
+    """Bytes autograd saves for one Llama block (HF, sdpa attention, no dropout).
+
+    Measured term by term with saved_tensors_hooks: two norms; the rotated q, k and v and the
+    attention output (sdpa returns it in the layout o_proj wants, so no copy) and its fp32
+    log-sum-exp per head; the MLP's gate, silu(gate), up and their product. RoPE's multiplies by
+    cos/sin save only cos/sin, and the residual sums are the norms' (fp32) inputs, counted there.
+    """
+    s, d = dtype_bytes, shape.dim_head
+    q, kv = shape.heads * d, shape.kv_heads * d
+    attention = tokens * (s * (2 * q + 2 * kv) + 4 * shape.heads)
+    mlp = tokens * s * (4 if shape.gated_mlp else 2) * shape.intermediate
+    return 2 * norm_activation_bytes(shape, tokens, s) + attention + mlp
+
+
+def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool) -> float:
+    """Saved activations of the decoder stack; with checkpointing, each layer's input plus one layer
+    recomputed during backward. Both add the final norm and the int64 token ids."""
+    layer = layer_activation_bytes(shape, tokens, dtype_bytes)
+    outside = norm_activation_bytes(shape, tokens, dtype_bytes) + 8 * tokens
+    if checkpointing:
+        return shape.layers * tokens * shape.hidden * dtype_bytes + layer + outside
+    return shape.layers * layer + outside
+
+
+def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk: int | None) -> float:
+    """Peak of the loss at the start of backward. Plain: the logits, fp32 log-softmax, and two fp32
+    gradients (of the log-softmax and of its input). Chunked: one chunk's logits in fp32 and in the
+    compute dtype, plus the per-token fp32 log-sum-exp."""
+    if chunk is None:
+        return tokens * shape.vocab * (dtype_bytes + 12)
+    return min(chunk, tokens) * shape.vocab * (4 + 2 * dtype_bytes) + 4 * tokens
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes of a training run, by component; `total` is the predicted device peak."""
+
+    method: str
+    params: int
+    trainable_params: int
+    weights: float  # model weights on the device (compute dtype, or NF4 for the quantized linears)
+    master_weights: float  # fp32 copy of the trained weights when they are used in a lower precision
+    adapter: float  # LoRA A and B
+    gradients: float
+    optimizer: float  # optimizer state on the device
+    optimizer_host: float  # paged optimizer state kept in CPU memory
+    activations: float
+    logits: float
+    total: float
+
+    def as_dict(self) -> dict:
+        """All fields as a plain dict (bytes)."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable two-column table in GB (1e9 bytes), 2 decimals."""
+        rows = [(f.name, getattr(self, f.name)) for f in fields(self)
+                if f.name not in ("method", "params", "trainable_params")]
+        lines = [f"method {self.method}: {self.params / 1e9:.2f}B params, "
+                 f"{self.trainable_params / 1e6:.2f}M trainable"]
+        lines += [f"  {name:<15} {value / GB:10.2f} GB" for name, value in rows]
+        return "\n".join(lines)
+
+
+def _dtype_bytes(dtype: torch.dtype, what: str) -> int:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LorakitError(f"estimate: {what} must be a floating torch.dtype (e.g. torch.bfloat16), "
+                           f"got {dtype!r}")
+    return dtype.itemsize
+
+
+def estimate(shape: ModelShape, method: str = "lora", rank: int = 16, targets="all-linear", batch: int = 1,
+             seq_len: int = 2048, optimizer: str = "adamw", gradient_checkpointing: bool = True,
+             compute_dtype: torch.dtype = torch.bfloat16, param_dtype: torch.dtype = torch.float32,
+             grad_dtype: torch.dtype | None = None, chunked_ce: bool = True, ce_chunk: int = 1024,
+             quant_blocksize: int = 64, double_quant: bool = True) -> MemoryEstimate:
+    """Predict a training step's memory from the model shape.
+
+    Trained tensors live in param_dtype: for full fine-tuning with param_dtype wider than
+    compute_dtype that is an fp32 master copy beside the compute-dtype weights. grad_dtype defaults
+    to compute_dtype for full fine-tuning (the 16-bytes accounting) and to param_dtype for adapters.
+    """
+    if method not in METHODS:
+        raise LorakitError(f"estimate: method must be one of {METHODS}, got {method!r}")
+    if optimizer not in OPTIMIZERS:
+        raise LorakitError(f"estimate: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if batch < 1 or seq_len < 1:
+        raise LorakitError(f"estimate: batch and seq_len must be >= 1, got batch={batch}, seq_len={seq_len}")
+    compute_bytes = _dtype_bytes(compute_dtype, "compute_dtype")
+    param_bytes = _dtype_bytes(param_dtype, "param_dtype")
+    tensors = parameter_tensors(shape)
+    params = sum(numel for _, numel in tensors)
+    master = 0.0
+    if method == "full":
+        trained = tensors
+        adapter = 0.0
+        weights = float(params * compute_bytes)
+        if param_bytes != compute_bytes:
+            master = float(params * param_bytes)
+        grad_bytes = _dtype_bytes(grad_dtype or compute_dtype, "grad_dtype")
+    else:
+        trained = adapter_tensors(shape, rank, targets)
+        adapter = float(sum(numel for _, numel in trained) * param_bytes)
+        grad_bytes = _dtype_bytes(grad_dtype or param_dtype, "grad_dtype")
+        if method == "lora":
+            weights = float(params * compute_bytes)
+        else:  # qlora: every decoder linear weight in NF4, the rest in the compute dtype
+            weights = sum(nf4_bytes(numel, quant_blocksize, double_quant) if _is_decoder_linear(name)
+                          else numel * compute_bytes for name, numel in tensors)
+    trainable = sum(numel for _, numel in trained)
+    states = [optimizer_state_bytes(numel, optimizer, param_bytes) for _, numel in trained]
+    # Paged: states live in host memory; one tensor's states visit the device during its update.
+    optimizer_device = max(states) if optimizer == "paged_adamw8bit" else sum(states)
+    optimizer_host = sum(states) if optimizer == "paged_adamw8bit" else 0.0
+    tokens = batch * seq_len
+    activations = activation_bytes(shape, tokens, compute_bytes, gradient_checkpointing)
+    logits = logits_bytes(shape, tokens, compute_bytes, ce_chunk if chunked_ce else None)
+    gradients = float(trainable * grad_bytes)
+    # With checkpointing the recomputed layer appears only after the loss's backward freed the logits.
+    overlap = min(layer_activation_bytes(shape, tokens, compute_bytes), logits) if gradient_checkpointing else 0.0
+    total = weights + master + adapter + optimizer_device + max(activations + logits - overlap, gradients)
+    return MemoryEstimate(method, params, trainable, weights, master, adapter, gradients,
+                          float(optimizer_device), float(optimizer_host), float(activations), float(logits),
+                          float(total))
+
+
+def _is_decoder_linear(name: str) -> bool:
+    return name.startswith("layers.") and name.endswith("_proj")
+
+
+def load_shape(model: str) -> ModelShape:
+    """A ModelShape from a preset name, a config.json, or a Hugging Face model folder."""
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if path.endswith(".json"):
+        if not os.path.isfile(path):
+            raise LorakitError(f"estimate: no config file at {path!r}; pass a preset name or a model folder")
+        with open(path) as f:
+            return ModelShape.from_hf_config(json.load(f))
+    if os.path.isdir(model):
+        raise LorakitError(f"estimate: folder {model!r} has no config.json; pass a Hugging Face model folder")
+    return ModelShape.from_name(model)
+
+
+def estimate_from_spec(model: str, **kwargs) -> MemoryEstimate:
+    """estimate() for a preset name ('7b', 'smollm2-135m'), a config.json path, or an HF model folder."""
+    return estimate(load_shape(model), **kwargs)
+
+
+def comparison_table(sizes=("7b", "70b"), rank: int = 16, **kwargs) -> str:
+    """Full vs LoRA vs QLoRA for each size: weights+grads+optimizer and the predicted peak, in GB."""
+    header = (f"{'model':<12} {'method':<6} {'params':>8} {'weights':>9} {'grads':>8} {'optim':>8} "
+              f"{'w+g+opt':>9} {'activ':>8} {'peak':>9}")
+    lines = [header, "-" * len(header)]
+    for size in sizes:
+        shape = ModelShape.from_name(size)
+        for method in METHODS:
+            est = estimate(shape, method=method, rank=rank, **kwargs)
+            held = est.weights + est.master_weights + est.adapter
+            static = held + est.gradients + est.optimizer
+            lines.append(f"{shape.name:<12} {method:<6} {est.params / 1e9:7.2f}B {held / GB:9.2f} "
+                         f"{est.gradients / GB:8.2f} {est.optimizer / GB:8.2f} {static / GB:9.2f} "
+                         f"{(est.activations + est.logits) / GB:8.2f} {est.total / GB:9.2f}")
+    return "\n".join(lines)
+
+
+def plot_memory_vs_size(path: str, sizes=("1b", "3b", "7b", "8b", "13b", "70b"), **kwargs) -> str:
+    """Write a PNG of predicted peak memory vs model size for full/LoRA/QLoRA; returns path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted((ModelShape.from_name(size) for size in sizes), key=parameter_count)
+    billions = [parameter_count(shape) / 1e9 for shape in shapes]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        totals = [estimate(shape, method=method, **kwargs).total / GB for shape in shapes]
+        ax.plot(billions, totals, marker="o", label=method)
+    for limit in (24, 48, 80):
+        ax.axhline(limit, color="gray", linestyle="--", linewidth=0.8)
+        ax.text(billions[0], limit * 1.04, f"{limit} GB", color="gray", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (billions)")
+    ax.set_ylabel("predicted peak memory (GB)")
+    ax.set_title("Training memory: full fine-tune vs LoRA vs QLoRA (r=16, bs 1 x 2048, bf16)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class PeakMemoryTracker(TorchDispatchMode):
+    """Counts the bytes of tensor storages allocated by ops run inside it, and their peak.
+
+    Deterministic on any device (it sees every aten op, forward and backward, on this thread):
+    a storage counts from the op that created it until its last tensor dies. Storages created
+    before the tracker started (the model's weights) are not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._storages: dict[int, weakref.ref] = {}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._storages.pop(key, None)
+        self.live_bytes -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            # Views and in-place results share an input's storage: not a new allocation.
+            if nbytes == 0 or key in inputs or key in self._storages:
+                continue
+            self._storages[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._release(k, n))
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return out

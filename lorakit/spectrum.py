@@ -1,0 +1,64 @@
+"""Adapter diagnostics: ranks, parameter counts, size on disk, and the singular values of scale*B@A."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lorakit.lora import lora_scale
+from lorakit.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
+
+
+def delta_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
+    """Singular values of scale*B@A from two QRs of the thin factors (never forms the full matrix)."""
+    _, rb = torch.linalg.qr(B.float())
+    _, ra = torch.linalg.qr(A.float().T)
+    return torch.linalg.svdvals(rb @ ra.T) * scale
+
+
+def effective_rank(values: torch.Tensor, rel: float = 0.01) -> int:
+    """Number of singular values above rel * the largest: how much of r the update uses."""
+    return int((values > rel * values.max()).sum()) if values.numel() and values.max() > 0 else 0
+
+
+def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
+    """A readable summary of an adapter folder (config, ranks, counts, size, spectrum)."""
+    folder = Path(path)
+    config = read_adapter_config(folder)
+    tensors = read_adapter_tensors(folder)
+    size = sum((folder / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME))
+    n_params = sum(t.numel() for t in tensors.values())
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    layers = sorted(k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
+    targets = config.target_modules if isinstance(config.target_modules, str) else \
+        f"{len(config.target_modules or [])} entries"
+    lines = [
+        f"adapter: {folder}",
+        f"  peft_type LORA  r={config.r}  lora_alpha={config.lora_alpha}  rslora={config.use_rslora}  "
+        f"dropout={config.lora_dropout}  target_modules: {targets}",
+        f"  adapted layers: {len(layers)}   parameters: {n_params:,d}   dtypes: {', '.join(dtypes)}   "
+        f"size on disk: {size / 1e6:.2f} MB",
+    ]
+    if config.rank_pattern:
+        lines.append(f"  rank_pattern: {config.rank_pattern}")
+    ranks, norms = [], []
+    for key in layers:
+        module = key.removeprefix("base_model.model.")
+        A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        if A.dim() != 2:
+            continue
+        r = config.rank_for(module)
+        values = delta_singular_values(B, A, lora_scale(config.alpha_for(module), r, config.use_rslora))
+        ranks.append(effective_rank(values))
+        norms.append(float(values.norm()))
+        if per_layer:
+            top = ", ".join(f"{v:.3g}" for v in values[:4].tolist())
+            lines.append(f"  {module:55s} r={r:<3d} eff.rank={ranks[-1]:<3d} |dW|_F={norms[-1]:.4g}  sv: {top}")
+    if ranks:
+        lines.append(f"  effective rank (sv > 1% of max): mean {sum(ranks) / len(ranks):.1f}, "
+                     f"max {max(ranks)};  |scale*B@A|_F mean {sum(norms) / len(norms):.4g}")
+        if max(norms) == 0:
+            lines.append("  all updates are zero: B is still at its zero init (untrained adapter)")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training workflows: data loading and tokenization, the demo task, the training loop."""

@@ -1,0 +1,165 @@
+"""TrainConfig: one training run's settings; YAML maps onto it 1:1, `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+
+SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+QUANT_TYPES = ("nf4", "fp4", None)
+
+
+def _default_lora() -> dict[str, Any]:
+    return {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+@dataclass
+class TrainConfig:
+    """A fine-tuning run: model, data, adapter, optimisation, logging and checkpoint settings."""
+
+    model: str = "smollm2-135m-instruct"
+    quantize: str | None = "nf4"
+    train_file: str = ""
+    val_file: str | None = None
+    val_fraction: float = 0.0
+    output_dir: str = "runs/train"
+    lora: dict[str, Any] = field(default_factory=_default_lora)
+    max_seq_len: int = 512
+    packing: bool = False
+    train_on_prompt: bool = False
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 0
+    num_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    bf16: bool = True
+    chunked_loss: bool = True
+    eval_every: int = 50
+    save_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quantize in ("none", "None", ""):
+            self.quantize = None
+        _choice("quantize", self.quantize, QUANT_TYPES)
+        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("max_seq_len", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every",
+                     "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LorakitError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+            raise LorakitError(f"max_steps must be an integer >= 0 (0 = use num_epochs), got {self.max_steps!r}")
+        if not self.learning_rate > 0:
+            raise LorakitError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise LorakitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise LorakitError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not self.num_epochs > 0:
+            raise LorakitError(f"num_epochs must be > 0, got {self.num_epochs!r}")
+        if not isinstance(self.lora, dict):
+            raise LorakitError(f"lora must be a mapping of LoraConfig fields, got {self.lora!r}")
+        self.lora_config()  # validate early, with the key names the user wrote
+
+    def lora_config(self) -> LoraConfig:
+        """The adapter's LoraConfig (unknown keys are errors with a suggestion)."""
+        return LoraConfig.from_dict(self.lora, strict=True, where="lora")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, as written to the run folder's config.yaml."""
+        return asdict(self)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise LorakitError(f"{name} must be one of {[a for a in allowed if a is not None]}"
+                           f"{' or null' if None in allowed else ''}, got {value!r}")
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
+    """Build a TrainConfig; an unknown key is an error naming the closest valid one."""
+    valid = [f.name for f in fields(TrainConfig)]
+    for key in data:
+        if key not in valid:
+            raise LorakitError(f"{where}: unknown key {key!r}{_suggest(key, valid)}")
+    try:
+        return TrainConfig(**data)
+    except LorakitError as exc:
+        raise LorakitError(f"{where}: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'lora.r=8' -> (['lora', 'r'], 8); the value is parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise LorakitError(f"--set {text!r}: expected key=value, e.g. --set learning_rate=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply --set overrides to the raw dict (nested keys with dots, e.g. lora.r=8)."""
+    data = {**data, "lora": dict(data.get("lora") or _default_lora())}
+    valid = [f.name for f in fields(TrainConfig)]
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] not in valid:
+            raise LorakitError(f"--set {text!r}: unknown key {path[0]!r}{_suggest(path[0], valid)}")
+        if len(path) == 1:
+            data[path[0]] = value
+        elif path[0] == "lora" and len(path) == 2:
+            lora_keys = [f.name for f in fields(LoraConfig)]
+            if path[1] not in lora_keys:
+                raise LorakitError(f"--set {text!r}: unknown lora key {path[1]!r}{_suggest(path[1], lora_keys)}")
+            data["lora"][path[1]] = value
+        else:
+            raise LorakitError(f"--set {text!r}: only lora.<key> may be nested")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML run config (or start from defaults) and apply --set overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise LorakitError(f"{file}: no such config file")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise LorakitError(f"{file}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise LorakitError(f"{file}: expected a mapping of settings at the top level")
+        base = file.parent
+        for key in ("train_file", "val_file"):
+            value = data.get(key)
+            if isinstance(value, str) and not Path(value).exists() and (base / value).exists():
+                # A path that is not there from the working folder is read relative to the config file.
+                data[key] = str(base / value)
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, where=str(path) if path else "config")

@@ -1,0 +1,321 @@
+"""The training loop, read top to bottom: data, model + adapter, optimizer, steps, checkpoints, results.
+
+A run folder holds config.yaml, metrics.jsonl, TensorBoard events, checkpoint/ (adapter, optimizer,
+scheduler, RNG, data position), and at the end adapter/ (PEFT format), loss.png and results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
+from lorakit.inject import add_adapter, trainable_parameters
+from lorakit.peft_format import save_adapter
+from lorakit.train import data as data_mod
+from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from lorakit.train.config import TrainConfig
+from lorakit.train.loss import chunked_cross_entropy
+
+RESULTS_NAME = "results.json"
+METRICS_NAME = "metrics.jsonl"
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber a finished or unfinished run unless asked; never delete a non-run folder."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    is_run = (run_dir / "config.yaml").is_file()
+    if resume:
+        if find_checkpoint(run_dir) is None:
+            raise LorakitError(f"{run_dir}: no checkpoint to resume from; drop --resume to start a new run")
+        return
+    if not overwrite:
+        state = "a finished run" if (run_dir / RESULTS_NAME).is_file() else "an unfinished run (--resume it)"
+        raise LorakitError(f"{run_dir} holds {state if is_run else 'other files'}; "
+                           "pass --overwrite or choose another output folder")
+    if not is_run:
+        raise LorakitError(f"{run_dir} is not empty and is not a lorakit run folder; choose another folder")
+    shutil.rmtree(run_dir)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, kind: str) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at each step: linear warmup, then cosine/linear/constant."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool) -> torch.Tensor:
+    """Mean next-token loss on labelled tokens; chunked over the vocabulary head when possible."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if chunked and isinstance(head, nn.Linear) and head.bias is None and isinstance(backbone, nn.Module):
+        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = out[0]
+        return chunked_cross_entropy(hidden, head.weight.to(hidden.dtype), batch["labels"])
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def evaluate_loss(model: nn.Module, dataset: list, cfg: TrainConfig, pad_id: int) -> float:
+    """Token-weighted mean loss over a dataset, no gradients."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        for batch in data_mod.batches(dataset, cfg.batch_size, seed=0, group_by_length=True, pad_id=pad_id):
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            if tokens:
+                total += float(causal_lm_loss(model, batch, cfg.chunked_loss)) * tokens
+                count += tokens
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+class MetricsLog:
+    """metrics.jsonl (one line per logged step) plus optional TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool) -> None:
+        self.path = run_dir / METRICS_NAME
+        if self.path.exists():  # a resumed run rewrites the steps after its checkpoint
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed: no event files (pip install tensorboard)",
+                              stacklevel=2)
+            else:
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and mirror its numbers to TensorBoard."""
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def records(self) -> list[dict[str, Any]]:
+        """Everything logged so far."""
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
+    """Write the loss curve (train and validation) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+class OverfitWatch:
+    """Warns when validation loss rises twice in a row while the training loss keeps falling."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[float, float]] = []
+
+    def update(self, train_loss: float, val_loss: float) -> str | None:
+        """Record an evaluation; return a warning message when overfitting shows."""
+        self.history.append((train_loss, val_loss))
+        if len(self.history) < 3:
+            return None
+        (t0, v0), (t1, v1), (t2, v2) = self.history[-3:]
+        if v2 > v1 > v0 and t2 < t0:
+            return (f"validation loss rose {v0:.4f} -> {v2:.4f} while training loss fell {t0:.4f} -> {t2:.4f}: "
+                    "the adapter is overfitting; stop earlier, lower the lr or add data")
+        return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def adapter_bytes(folder: Path) -> int:
+    """Size on disk of an adapter folder."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, model: nn.Module | None = None,
+          tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune a LoRA/QLoRA adapter as `cfg` says; returns the results dict (also in results.json)."""
+    run_dir = Path(cfg.output_dir)
+    # Validate everything cheap before touching the run folder: a bad file must leave nothing behind.
+    if not cfg.train_file:
+        raise LorakitError("train_file is not set: give a JSONL file (chat, Alpaca or text format)")
+    train_examples = data_mod.load_examples(cfg.train_file)
+    if cfg.val_file:
+        data_mod.load_examples(cfg.val_file)
+    prepare_run_dir(run_dir, overwrite, resume)
+
+    if model is None:
+        from lorakit.models import load_model
+
+        model, tokenizer = load_model(cfg.model, quantize=cfg.quantize)
+    train_set, val_set, data_stats = data_mod.build_dataset(
+        train_examples, tokenizer, max_seq_len=cfg.max_seq_len, packing=cfg.packing,
+        val_file=cfg.val_file, val_fraction=cfg.val_fraction, seed=cfg.seed,
+        train_on_prompt=cfg.train_on_prompt)
+    if not train_set:
+        raise LorakitError(f"{cfg.train_file}: no training example has a token to learn from")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    checkpoint = find_checkpoint(run_dir) if resume else None
+    if checkpoint is None:
+        torch.manual_seed(cfg.seed)
+        add_adapter(model, cfg.lora_config(), name="default")
+        state: dict[str, Any] = {"step": 0}
+    else:
+        state = load_checkpoint(checkpoint, model)
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * micro_per_epoch
+                                                    / cfg.gradient_accumulation_steps))
+    from lorakit.optim import make_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.lr_scheduler))
+    step = int(state["step"])
+    if checkpoint is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+    log = MetricsLog(run_dir, step, cfg.tensorboard)
+    watch = OverfitWatch()
+    trainable, total = trainable_parameters(model)
+
+    epoch_orders: dict[int, list[list[int]]] = {}
+    lengths = [len(item["input_ids"]) for item in train_set]
+
+    def micro_batch(index: int) -> dict[str, torch.Tensor]:
+        # The data position is the micro-batch counter alone: resuming needs nothing else.
+        epoch, position = divmod(index, micro_per_epoch)
+        if epoch not in epoch_orders:
+            epoch_orders.clear()
+            epoch_orders[epoch] = data_mod.batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        return data_mod.collate([train_set[i] for i in epoch_orders[epoch][position]], pad_id)
+
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    started, train_seconds, tokens_seen = time.time(), float(state.get("train_seconds", 0.0)), 0
+    last_loss = float(state.get("last_loss", float("nan")))
+    val_loss = float("nan")
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(cfg.gradient_accumulation_steps):
+                batch = micro_batch(step * cfg.gradient_accumulation_steps + micro)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = causal_lm_loss(model, batch, cfg.chunked_loss)
+                if not torch.isfinite(loss):
+                    raise TrainingStopped(
+                        f"loss is {float(loss)} at step {step + 1}; the last good checkpoint is kept in "
+                        f"{run_dir / 'checkpoint'}; lower learning_rate (now {cfg.learning_rate}) and --resume")
+                (loss / cfg.gradient_accumulation_steps).backward()
+                step_loss += float(loss) / cfg.gradient_accumulation_steps
+                step_tokens += int(batch["attention_mask"].sum())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - t0
+            train_seconds += elapsed
+            tokens_seen += step_tokens
+            last_loss = step_loss
+            record: dict[str, Any] = {"step": step, "loss": round(step_loss, 6),
+                                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(step_tokens / elapsed, 1)}
+            if val_set and (step % cfg.eval_every == 0 or step == total_steps):
+                val_loss = evaluate_loss(model, val_set, cfg, pad_id)
+                record["val_loss"] = round(val_loss, 6)
+                warning = watch.update(step_loss, val_loss)
+                if warning:
+                    record["warning"] = "overfitting"
+                    tqdm.write(f"warning: {warning}")
+            if step % cfg.log_every == 0 or "val_loss" in record or step == total_steps:
+                log.write(record)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if step % cfg.save_every == 0 and step < total_steps:
+                save_checkpoint(run_dir, model, optimizer, scheduler, step,
+                                {"train_seconds": train_seconds, "last_loss": last_loss})
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(run_dir, model, optimizer, scheduler, step,
+                        {"train_seconds": train_seconds, "last_loss": last_loss})
+        log.close()
+        raise TrainingInterrupted(f"interrupted at step {step}: checkpoint saved in {run_dir / 'checkpoint'}; "
+                                  "continue with --resume") from None
+    bar.close()
+    log.close()
+
+    adapter_dir = save_adapter(model, run_dir / "adapter", name="default")
+    records = log.records()
+    plot_losses(records, run_dir / "loss.png")
+    results = {
+        "steps": step, "final_loss": last_loss, "val_loss": None if math.isnan(val_loss) else val_loss,
+        "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - started, 2),
+        "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds and tokens_seen else None,
+        "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes(adapter_dir),
+        "adapter_dir": str(adapter_dir), "data": data_stats,
+    }
+    # The final checkpoint stays, so a finished run can be extended (raise max_steps, --resume).
+    save_checkpoint(run_dir, model, optimizer, scheduler, step, {"train_seconds": train_seconds,
+                                                                 "last_loss": last_loss})
+    _write_json(run_dir / RESULTS_NAME, results)
+    return results
