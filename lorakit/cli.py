@@ -12,9 +12,17 @@ from lorakit.errors import LorakitError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+def _hide_load_bars() -> None:
+    """No transformers "Loading weights" bar: it would bury lorakit's own one-line messages on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lorakit.train.demo import run_demo
 
+    _hide_load_bars()
     results = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, n_heldout=args.heldout,
                        overwrite=args.overwrite, progress=not args.quiet)
     target_met = results["base_accuracy"] <= 0.3 and results["tuned_accuracy"] >= 0.9
@@ -31,6 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"output_dir={args.out}")
     cfg = load_config(args.config, overrides)
+    _hide_load_bars()
     results = train(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     print(f"done: {results['steps']} steps, final loss {results['final_loss']:.4f}, "
           f"adapter in {results['adapter_dir']}")
@@ -53,6 +62,7 @@ def _load_with_adapters(model_spec: str, adapters: list[str], quantize: str | No
     from lorakit.models import load_model
     from lorakit.peft_format import load_adapter
 
+    _hide_load_bars()
     model, tokenizer = load_model(model_spec, quantize=quantize)
     pairs = _parse_adapters(adapters)
     for name, folder in pairs:

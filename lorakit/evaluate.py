@@ -37,11 +37,12 @@ def generate_batch(
     tokenizer,
     prompts_or_messages: Sequence[str | Messages],
     max_new_tokens: int = 32,
-    batch_size: int = 32,
+    batch_size: int = 16,
 ) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of prompts, batched with left padding.
 
     Prompts are sorted by length so that each batch pads little; results come back in input order.
+    Default batch 16: SmolLM2-135M on a 2-core CPU took 17 s for 128 prompts (fp32), 22 s at 32, 38 s at 64.
     """
     texts = [_render(tokenizer, p) for p in prompts_or_messages]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -85,7 +86,7 @@ def exact_match_accuracy(
     model: nn.Module,
     tokenizer,
     examples: Sequence[dict],
-    batch_size: int = 32,
+    batch_size: int = 16,
     max_new_tokens: int = 24,
     score: Callable[[str, str], bool] = exact_match,
 ) -> tuple[float, list[str]]:

@@ -75,7 +75,7 @@ class _Matmul4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, bias, state: QuantState):
-        weight = dequantize_4bit(packed, state).to(x.dtype)
+        weight = dequantize_4bit(packed, state, x.dtype)
         ctx.save_for_backward(packed)
         ctx.state = state  # references the module's own state tensors: no copy
         # F.linear with the bias fused, as bitsandbytes does, so outputs match bit for bit
@@ -86,7 +86,7 @@ class _Matmul4bit(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ dequantize_4bit(packed, ctx.state).to(grad_y.dtype)
+            grad_x = grad_y @ dequantize_4bit(packed, ctx.state, grad_y.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None
@@ -196,7 +196,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight as a float tensor (default: compute_dtype)."""
-        return dequantize_4bit(self.packed, self.quant_state).to(dtype or self.compute_dtype)
+        return dequantize_4bit(self.packed, self.quant_state, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)

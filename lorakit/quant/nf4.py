@@ -254,10 +254,17 @@ def _triton_available() -> bool:
     return True
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """Dequantize to state.dtype and state.shape: the Triton kernel on CUDA, else the reference."""
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize to state.shape, in state.dtype (or `dtype`: as if cast after): Triton on CUDA, a fused
+    compiled loop for large CPU tensors, else the reference. All three give the same bits."""
     if packed.is_cuda and _triton_available():
         from lorakit.quant.triton_dequant import dequantize_4bit_triton
 
-        return dequantize_4bit_triton(packed, state)
-    return dequantize_4bit_reference(packed, state)
+        out = dequantize_4bit_triton(packed, state)
+        return out if dtype is None else out.to(dtype)
+    from lorakit.quant import cpu_dequant
+
+    if cpu_dequant.usable(packed, state):
+        return cpu_dequant.dequantize_4bit_cpu(packed, state, dtype)
+    out = dequantize_4bit_reference(packed, state)
+    return out if dtype is None else out.to(dtype)

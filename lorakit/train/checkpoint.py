@@ -32,14 +32,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    step: int, extra: dict[str, Any]) -> Path:
-    """Write run_dir/checkpoint atomically: a temp folder is filled, then swapped in by rename."""
+                    step: int, extra: dict[str, Any], rng: dict[str, Any] | None = None) -> Path:
+    """Write run_dir/checkpoint atomically: a temp folder is filled, then swapped in by rename.
+
+    `rng` is the RNG state as of the end of `step` (default: now), for a caller that saves a step late.
+    """
     final = run_dir / CHECKPOINT_DIR
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-tmp-"))
     try:
         save_adapter(model, tmp / "adapter", name="default")
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                 "rng": rng_state(), **extra}
+                 "rng": rng if rng is not None else rng_state(), **extra}
         torch.save(state, tmp / STATE_NAME)
         old = run_dir / ".checkpoint-old"
         if old.exists():

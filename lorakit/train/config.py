@@ -15,6 +15,8 @@ from lorakit.errors import LorakitError
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 QUANT_TYPES = ("nf4", "fp4", None)
+FLOAT_FIELDS = ("val_fraction", "num_epochs", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm")
+BOOL_FIELDS = ("packing", "train_on_prompt", "gradient_checkpointing", "bf16", "chunked_loss", "tensorboard")
 
 
 def _default_lora() -> dict[str, Any]:
@@ -60,11 +62,18 @@ class TrainConfig:
         _choice("quantize", self.quantize, QUANT_TYPES)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in FLOAT_FIELDS:
+            setattr(self, name, _as_float(name, getattr(self, name)))
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise LorakitError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("max_seq_len", "batch_size", "gradient_accumulation_steps", "eval_every", "save_every",
                      "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise LorakitError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+        if not _is_int(self.seed):
+            raise LorakitError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.max_steps) or self.max_steps < 0:
             raise LorakitError(f"max_steps must be an integer >= 0 (0 = use num_epochs), got {self.max_steps!r}")
         if not self.learning_rate > 0:
             raise LorakitError(f"learning_rate must be > 0, got {self.learning_rate!r}")
@@ -85,6 +94,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written to the run folder's config.yaml."""
         return asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:  # PyYAML reads "1e-4" (no dot) as a string: numeric strings count as numbers
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise LorakitError(f"{name} must be a number, got {value!r}")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -24,7 +24,7 @@ from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
 from lorakit.inject import add_adapter, trainable_parameters
 from lorakit.peft_format import save_adapter
 from lorakit.train import data as data_mod
-from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lorakit.train.config import TrainConfig
 from lorakit.train.loss import chunked_cross_entropy
 
@@ -75,6 +75,34 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bo
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss: labels after the causal shift that are not -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], chunked: bool,
+                         bf16: bool) -> float:
+    """Backward over one optimizer step's micro-batches; returns the step's loss (NaN/inf stops early).
+
+    Each micro-batch's mean loss is weighted by its share of the step's labelled tokens, so the gradient
+    equals that of one batch holding them all (a plain 1/accum weight would overweight short batches).
+    """
+    counts = [labelled_tokens(batch) for batch in micro_batches]
+    total = sum(counts)
+    step_loss = 0.0
+    for batch, count in zip(micro_batches, counts):
+        if count == 0:
+            continue
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = causal_lm_loss(model, batch, chunked)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value
+        (loss * (count / total)).backward()
+        step_loss += value * count / total
+    return step_loss
+
+
 def evaluate_loss(model: nn.Module, dataset: list, cfg: TrainConfig, pad_id: int) -> float:
     """Token-weighted mean loss over a dataset, no gradients."""
     was_training = model.training
@@ -82,7 +110,7 @@ def evaluate_loss(model: nn.Module, dataset: list, cfg: TrainConfig, pad_id: int
     total, count = 0.0, 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         for batch in data_mod.batches(dataset, cfg.batch_size, seed=0, group_by_length=True, pad_id=pad_id):
-            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            tokens = labelled_tokens(batch)
             if tokens:
                 total += float(causal_lm_loss(model, batch, cfg.chunked_loss)) * tokens
                 count += tokens
@@ -172,6 +200,15 @@ class OverfitWatch:
         return None
 
 
+def nonfinite_message(run_dir: Path, loss: float, step: int, learning_rate: float) -> str:
+    """Why a run stopped on a NaN/inf loss and how to go on (the last checkpoint, if any, is untouched)."""
+    checkpoint = find_checkpoint(run_dir)
+    where = (f"the last good checkpoint is kept in {checkpoint}; lower learning_rate (now {learning_rate}) "
+             "and --resume") if checkpoint else \
+        f"no checkpoint was saved yet; lower learning_rate (now {learning_rate}) and start again with --overwrite"
+    return f"loss is {loss} at step {step}: training stopped; {where}"
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -233,6 +270,10 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     if checkpoint is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The config's peak lr wins over the checkpoint's, so "lower learning_rate and --resume" works.
+        scheduler.base_lrs = [cfg.learning_rate for _ in optimizer.param_groups]
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = cfg.learning_rate * factor(scheduler.last_epoch)
         set_rng_state(state["rng"])
     log = MetricsLog(run_dir, step, cfg.tensorboard)
     watch = OverfitWatch()
@@ -253,21 +294,25 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     started, train_seconds, tokens_seen = time.time(), float(state.get("train_seconds", 0.0)), 0
     last_loss = float(state.get("last_loss", float("nan")))
     val_loss = float("nan")
+    # A periodic checkpoint is written one step late, once the next step's loss is finite: after a NaN
+    # stop the kept checkpoint holds weights that still gave a finite loss, not the ones that blew up.
+    save_due, step_rng = False, rng_state()
     try:
         while step < total_steps:
             t0 = time.perf_counter()
-            step_loss, step_tokens = 0.0, 0
-            for micro in range(cfg.gradient_accumulation_steps):
-                batch = micro_batch(step * cfg.gradient_accumulation_steps + micro)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = causal_lm_loss(model, batch, cfg.chunked_loss)
-                if not torch.isfinite(loss):
-                    raise TrainingStopped(
-                        f"loss is {float(loss)} at step {step + 1}; the last good checkpoint is kept in "
-                        f"{run_dir / 'checkpoint'}; lower learning_rate (now {cfg.learning_rate}) and --resume")
-                (loss / cfg.gradient_accumulation_steps).backward()
-                step_loss += float(loss) / cfg.gradient_accumulation_steps
-                step_tokens += int(batch["attention_mask"].sum())
+            step_rng = rng_state()
+            batches = [micro_batch(step * cfg.gradient_accumulation_steps + micro)
+                       for micro in range(cfg.gradient_accumulation_steps)]
+            step_loss = accumulate_gradients(model, batches, cfg.chunked_loss, cfg.bf16)
+            if not math.isfinite(step_loss):
+                raise TrainingStopped(nonfinite_message(run_dir, step_loss, step + 1, cfg.learning_rate))
+            if save_due:
+                saving_since = time.perf_counter()
+                save_checkpoint(run_dir, model, optimizer, scheduler, step,
+                                {"train_seconds": train_seconds, "last_loss": last_loss}, rng=step_rng)
+                t0 += time.perf_counter() - saving_since  # the step's speed leaves the write out
+                save_due = False
+            step_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -291,13 +336,12 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
                 log.write(record)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if step % cfg.save_every == 0 and step < total_steps:
-                save_checkpoint(run_dir, model, optimizer, scheduler, step,
-                                {"train_seconds": train_seconds, "last_loss": last_loss})
+            save_due = step % cfg.save_every == 0 and step < total_steps
     except KeyboardInterrupt:
         bar.close()
+        # step_rng: an interrupted step may already have drawn dropout masks; resume redoes it from its start.
         save_checkpoint(run_dir, model, optimizer, scheduler, step,
-                        {"train_seconds": train_seconds, "last_loss": last_loss})
+                        {"train_seconds": train_seconds, "last_loss": last_loss}, rng=step_rng)
         log.close()
         raise TrainingInterrupted(f"interrupted at step {step}: checkpoint saved in {run_dir / 'checkpoint'}; "
                                   "continue with --resume") from None

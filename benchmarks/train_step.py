@@ -1,0 +1,246 @@
+"""Training-step speed and memory: lorakit LoRA/QLoRA vs peft (fp32, bf16 autocast) and peft+bnb QLoRA.
+
+    nice python benchmarks/train_step.py                  # SmolLM2-135M-Instruct, batch 4 x 256 (minutes)
+    python benchmarks/train_step.py --rows lorakit-qlora,peft-bf16-autocast --steps 3
+    python benchmarks/train_step.py --tiny                # random-init tiny Llama, 1 step (CI smoke test)
+
+One step = forward + backward + AdamW step (lr 2e-4, no weight decay) + zero_grad, LoRA r=16, alpha 32, all
+linear layers, one fixed random token batch. Each row runs in its own subprocess (`--row NAME`) so rows share
+no memory: a warm-up step, then the median of --steps timed steps, then one more step under
+`lorakit.memory.PeakMemoryTracker`. "peak tensor MB" = bytes of every tensor held between steps (weights,
+buffers, adapter, optimizer state) + the tracker's peak of tensors allocated during the step. "peak RSS MB"
+is the subprocess's `ru_maxrss`, which includes loading the model. lorakit rows step as lorakit's trainer
+does (`causal_lm_loss(chunked=True)` under bf16 autocast); peft rows use `model(input_ids, labels=...).loss`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROWS = ("lorakit-lora", "lorakit-qlora", "peft-fp32", "peft-bf16-autocast", "peft-bnb-qlora")
+BASELINE = "peft-bf16-autocast"
+RANK, ALPHA, LR = 16, 32, 2e-4
+RESULT_TAG = "ROW_RESULT "
+HEADER = (f"{'row':<20} {'tokens/s':>9} {'vs peft bf16':>12} {'step s':>7} {'peak tensor MB':>14} "
+          f"{'peak RSS MB':>11} {'loss':>7} {'trainable':>10}")
+
+
+def tiny_model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A random-init tiny Llama with a tied head, like SmolLM2's (smoke tests only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def lorakit_model(tiny: bool, dtype: torch.dtype, quantize: str | None) -> nn.Module:
+    """The base model as lorakit loads it: `load_model(..., dtype, quantize)`, or the tiny stand-in."""
+    import lorakit as lk
+
+    if not tiny:
+        return lk.load_model("smollm2-135m-instruct", dtype=dtype, quantize=quantize)[0]
+    model = tiny_model(dtype)
+    if quantize is not None:  # what load_model does after loading
+        lk.quantize_model(model, lk.QuantConfig(quant_type=quantize))
+    return model
+
+
+def bnb_model(tiny: bool) -> nn.Module:
+    """transformers + bitsandbytes NF4 (double quant, bf16 compute) on the CPU, from an HF folder."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        if tiny:
+            tiny_model().save_pretrained(tmp)
+            folder = tmp
+        else:
+            from lorakit.models import convert_gguf, embedded_gguf_path
+
+            folder = convert_gguf(embedded_gguf_path())  # the cached HF copy of the same weights
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
+                                                    dtype=torch.bfloat16, local_files_only=True)
+
+
+def build_row(name: str, tiny: bool):
+    """(model, optimizer, loss_fn(model, batch)) for one row, adapter added and in train mode."""
+    if name.startswith("lorakit"):
+        import lorakit as lk
+        from lorakit.optim import make_optimizer
+        from lorakit.train.trainer import causal_lm_loss
+
+        model = lorakit_model(tiny, torch.bfloat16, "nf4" if name == "lorakit-qlora" else None)
+        torch.manual_seed(0)
+        lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
+        model.train()
+        optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=LR)
+
+        def loss_fn(m, batch):
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # as lorakit's trainer (bf16=True default)
+                return causal_lm_loss(m, batch, chunked=True)
+        return model, optimizer, loss_fn
+
+    import peft
+
+    base = bnb_model(tiny) if name == "peft-bnb-qlora" else lorakit_model(tiny, torch.float32, None)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()  # bnb's Linear4bit too: train mode is what a QLoRA run uses
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+    autocast = name == "peft-bf16-autocast"
+
+    def loss_fn(m, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+            return m(batch["input_ids"], labels=batch["labels"]).loss
+    return model, optimizer, loss_fn
+
+
+def token_batch(vocab: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """The same random tokens for every row (fixed seed); labels = inputs, no padding."""
+    generator = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch) -> float:
+    """Forward + backward + optimizer step + zero_grad; returns the loss."""
+    loss = loss_fn(model, batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct storages held between steps: parameters, buffers, optimizer state."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [value for state in optimizer.state.values() for value in state.values()
+                if isinstance(value, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def peak_step_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch) -> int:
+    """Resident bytes + peak bytes of the tensors one step allocates (PeakMemoryTracker)."""
+    from lorakit.memory import PeakMemoryTracker
+
+    held = resident_bytes(model, optimizer)
+    with PeakMemoryTracker() as tracker:
+        train_step(model, optimizer, loss_fn, batch)
+    return held + tracker.peak_bytes
+
+
+def run_row(name: str, tiny: bool, steps: int, batch_size: int, seq: int) -> dict:
+    """Measure one row in this process: tokens/s (median step), peak tensor bytes, peak RSS."""
+    model, optimizer, loss_fn = build_row(name, tiny)
+    vocab = model.get_input_embeddings().num_embeddings
+    batch = token_batch(vocab, batch_size, seq)
+    first_loss = train_step(model, optimizer, loss_fn, batch)  # warm-up
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(model, optimizer, loss_fn, batch)
+        seconds.append(time.perf_counter() - start)
+    step_s = statistics.median(seconds)
+    peak_tensor = peak_step_bytes(model, optimizer, loss_fn, batch)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"row": name, "tokens_per_s": batch_size * seq / step_s, "step_s": step_s, "steps": steps,
+            "peak_tensor_bytes": peak_tensor, "peak_rss_bytes": peak_rss, "first_loss": first_loss,
+            "trainable_params": trainable}
+
+
+def run_in_subprocess(name: str, args: argparse.Namespace) -> dict:
+    """Run one row in a fresh Python process; returns its result dict, or {'row', 'error'}."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
+    proc = subprocess.run(command, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"row": name, "error": f"exit {proc.returncode}: {tail}"}
+
+
+def format_table(results: list[dict]) -> str:
+    """The comparison table; the ratio column is tokens/s over the peft bf16-autocast row's."""
+    base = next((r for r in results if r["row"] == BASELINE and "error" not in r), None)
+    lines = [HEADER, "-" * len(HEADER)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['row']:<20} failed: {r['error']}")
+            continue
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        lines.append(f"{r['row']:<20} {r['tokens_per_s']:9.1f} {ratio:>12} {r['step_s']:7.2f} "
+                     f"{r['peak_tensor_bytes'] / 1e6:14.1f} {r['peak_rss_bytes'] / 1e6:11.1f} "
+                     f"{r['first_loss']:7.3f} {r['trainable_params']:10,d}")
+    return "\n".join(lines)
+
+
+def parse_rows(text: str) -> list[str]:
+    """'a,b' -> ['a', 'b'], each a known row name."""
+    rows = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown or not rows:
+        raise SystemExit(f"--rows: unknown {unknown or text!r}; choose from {','.join(ROWS)}")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="random-init tiny Llama, 1 step (smoke test)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5; tiny 1)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; tiny 2)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; tiny 32)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row here
+    args = parser.parse_args()
+    args.steps = args.steps or (1 if args.tiny else 5)
+    args.batch = args.batch or (2 if args.tiny else 4)
+    args.seq = args.seq or (32 if args.tiny else 256)
+    if args.row is not None:
+        print(RESULT_TAG + json.dumps(run_row(args.row, args.tiny, args.steps, args.batch, args.seq)))
+        return
+
+    results = []
+    for name in parse_rows(args.rows):
+        start = time.perf_counter()
+        results.append(run_in_subprocess(name, args))
+        status = results[-1].get("error") or f"{results[-1]['tokens_per_s']:.1f} tokens/s"
+        print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
+    model = "tiny random-init Llama" if args.tiny else "SmolLM2-135M-Instruct"
+    print(f"\nTraining step, {model}, batch {args.batch} x {args.seq}, LoRA r={RANK} all-linear, AdamW; "
+          f"median of {args.steps}; {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(format_table(results))
+    if args.json:
+        summary = {"batch": args.batch, "seq": args.seq, "steps": args.steps, "tiny": args.tiny,
+                   "rows": results}
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

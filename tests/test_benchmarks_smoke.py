@@ -1,0 +1,56 @@
+"""The benchmark scripts still run: each --tiny mode exits 0 and prints its table (subprocesses, ~1 min)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    """Run benchmarks/<script> with args; return its stdout, failing the test on a non-zero exit."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def test_train_step_tiny_prints_its_table(tmp_path):
+    # Three rows (a subprocess each, ~5 s apiece) cover lorakit, peft + bitsandbytes and the ratio baseline.
+    json_path = tmp_path / "rows.json"
+    rows_arg = "lorakit-qlora,peft-bnb-qlora,peft-bf16-autocast"
+    out = run_benchmark("train_step.py", "--tiny", "--rows", rows_arg, "--json", str(json_path))
+    assert "row                   tokens/s vs peft bf16" in out
+    table = out[out.index("tokens/s vs peft bf16"):].splitlines()
+    rows = {line.split()[0]: line.split() for line in table[2:] if line.strip()}
+    assert set(rows) == {"lorakit-qlora", "peft-bnb-qlora", "peft-bf16-autocast"}
+    assert rows["peft-bf16-autocast"][2] == "1.00x"
+    assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in rows.values())  # tokens/s, peak tensor MB
+    # Same weights, same batch, same adapter size: both sides train the same thing.
+    assert rows["lorakit-qlora"][-1] == rows["peft-bnb-qlora"][-1] == "32,768"
+    assert float(rows["lorakit-qlora"][-2]) == pytest.approx(float(rows["peft-bnb-qlora"][-2]), abs=0.02)
+    assert '"peak_tensor_bytes"' in json_path.read_text()
+
+
+def test_memory_validation_tiny_prints_its_table():
+    out = run_benchmark("memory_validation.py", "--tiny")
+    assert "measured MB predicted MB   error  fixed MB   error" in out
+    rows = [line for line in out.splitlines() if line.startswith(("lora ", "qlora "))]
+    assert len(rows) == 4  # two progress lines and two table rows
+    for row in rows:  # the shipped estimate and the corrected one, both within 15% of the measurement
+        errors = [float(part.split()[-1]) for part in row.split("%")[:2]]
+        assert all(abs(error) <= 15 for error in errors), row
+
+
+def test_dequant_tiny_prints_its_table():
+    out = run_benchmark("dequant.py", "--tiny")
+    assert "method                    ms     GB/s  % copy  vs bnb" in out
+    assert "lorakit reference" in out
+
+
+def test_quant_error_tiny_prints_its_table():
+    out = run_benchmark("quant_error.py", "--tiny")
+    assert "| weights | MSE | MSE / mean(w^2) |" in out
+    assert "| model (linears) | perplexity | bytes/weight of linears | seconds |" in out
