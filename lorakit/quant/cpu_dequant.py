@@ -15,15 +15,9 @@ import os
 
 import torch
 
-from lorakit.quant.nf4 import QuantState
+from lorakit.quant.nf4 import QuantState, _byte_lut
 
 MIN_ELEMENTS = 1 << 16  # below this the reference is already fast and compiling isn't worth it
-
-
-def _pair_lut(code: torch.Tensor) -> torch.Tensor:
-    """[256, 2] fp32: byte -> (code of its high nibble, code of its low nibble)."""
-    code = code.float().reshape(-1)
-    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
 
 
 def _fused_plain(data: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blocksize: int,
@@ -58,7 +52,7 @@ def _compiled(nested: bool, numel: int):
 
 @functools.cache
 def _lut_for(code_key: tuple[float, ...]) -> torch.Tensor:
-    return _pair_lut(torch.tensor(code_key, dtype=torch.float32))
+    return _byte_lut(torch.tensor(code_key, dtype=torch.float32))
 
 
 _DISABLED: list[bool] = [os.environ.get("LORAKIT_COMPILE", "1") == "0"]
