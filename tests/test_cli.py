@@ -171,3 +171,15 @@ def test_merge_into_non_empty_out_needs_overwrite(tiny, tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert "not empty" in line and "--overwrite" in line
     assert (out / "keep.txt").read_text() == "user file"
+
+
+def test_non_utf8_and_empty_data_exit_2_and_write_nothing(tmp_path, capsys):
+    for name, content, says in (("bad.jsonl", GOOD.encode() + b"\n\xff\xfe oops\n", "not UTF-8"),
+                                ("empty.jsonl", b"\n\n", "")):
+        data = tmp_path / name
+        data.write_bytes(content)
+        out = tmp_path / f"run-{name}"
+        assert main(["train", "--set", f"train_file={data}", "--out", str(out), "--quiet"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert str(data) in line and says in line
+        assert not out.exists()

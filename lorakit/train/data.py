@@ -116,8 +116,13 @@ def load_examples(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise LorakitError(f"{path}: no such data file; expected a JSONL file, one example per line")
     records, line_numbers = [], []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise LorakitError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                   f"{exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
