@@ -11,7 +11,15 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.lora import LoraLayer, ModulesToSave, base_weight, is_linear_like, is_quantized, wrap_layer
+from lorakit.lora import (
+    LoraLayer,
+    ModulesToSave,
+    base_weight,
+    is_linear_like,
+    is_quantized,
+    requantize_like,
+    wrap_layer,
+)
 
 ADAPTER_PREFIXES = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.", "modules_to_save.")
 _CONFIGS_ATTR = "lorakit_configs"
@@ -296,8 +304,6 @@ def _merged_base(layer: LoraLayer, requantize: bool) -> nn.Module:
     if not is_quantized(base):
         layer.merge(live)
         return layer.base_layer
-    from lorakit.lora import requantize_like
-
     weight = base_weight(base, torch.float32)
     for name in live:
         weight = weight + layer.delta_weight(name)

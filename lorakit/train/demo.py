@@ -47,7 +47,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 120, batch_size: int = 
     demo_task.write_jsonl(heldout, out_dir / "data" / "heldout.jsonl")
     say(f"task: normalise free-form dates to ISO 8601 ({n_train} train / {n_heldout} held-out examples)")
 
-    answer_tokens = 12
+    answer_tokens = demo_task.MAX_NEW_TOKENS
     base_accuracy, base_predictions = exact_match_accuracy(model, tokenizer, heldout, max_new_tokens=answer_tokens)
     say(f"base model held-out exact match: {base_accuracy:.2f}")
 
