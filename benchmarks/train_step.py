@@ -4,6 +4,8 @@
     python benchmarks/train_step.py --rows lorakit-qlora,peft-bf16-autocast --steps 3
     python benchmarks/train_step.py --tiny                # random-init tiny Llama, 1 step (CI smoke test)
 
+peft-bf16-autocast-eager is the same peft recipe with transformers' "eager" attention, to show how much
+of lorakit's lead comes from its attention choice (lorakit/attention.py) rather than the rest.
 One step = forward + backward + AdamW step (lr 2e-4, no weight decay) + zero_grad, LoRA r=16, alpha 32, all
 linear layers, one fixed random token batch. Each row runs in its own subprocess (`--row NAME`) so rows share
 no memory: a warm-up step, then the median of --steps timed steps, then one more step under
@@ -30,11 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROWS = ("lorakit-lora", "lorakit-qlora", "peft-fp32", "peft-bf16-autocast", "peft-bnb-qlora")
+ROWS = ("lorakit-lora", "lorakit-qlora", "peft-fp32", "peft-bf16-autocast", "peft-bf16-autocast-eager",
+        "peft-bnb-qlora")
 BASELINE = "peft-bf16-autocast"
 RANK, ALPHA, LR = 16, 32, 2e-4
 RESULT_TAG = "ROW_RESULT "
-HEADER = (f"{'row':<20} {'tokens/s':>9} {'vs peft bf16':>12} {'step s':>7} {'peak tensor MB':>14} "
+HEADER = (f"{'row':<26} {'tokens/s':>9} {'vs peft bf16':>12} {'step s':>7} {'peak tensor MB':>14} "
           f"{'peak RSS MB':>11} {'loss':>7} {'trainable':>10}")
 
 
@@ -56,7 +59,8 @@ def lorakit_model(tiny: bool, dtype: torch.dtype, quantize: str | None) -> nn.Mo
     if not tiny:
         return lk.load_model("smollm2-135m-instruct", dtype=dtype, quantize=quantize)[0]
     model = tiny_model(dtype)
-    if quantize is not None:  # what load_model does after loading
+    lk.use_fast_cpu_attention(model)  # what load_model does after loading
+    if quantize is not None:
         lk.quantize_model(model, lk.QuantConfig(quant_type=quantize))
     return model
 
@@ -100,13 +104,15 @@ def build_row(name: str, tiny: bool):
     import peft
 
     base = bnb_model(tiny) if name == "peft-bnb-qlora" else lorakit_model(tiny, torch.float32, None)
+    # peft's recipe runs transformers' default attention; lorakit.load_model switched it to lorakit's.
+    base.set_attn_implementation("eager" if name == "peft-bf16-autocast-eager" else "sdpa")
     torch.manual_seed(0)
     model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()  # bnb's Linear4bit too: train mode is what a QLoRA run uses
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
-    autocast = name == "peft-bf16-autocast"
+    autocast = name.startswith("peft-bf16-autocast")
 
     def loss_fn(m, batch):
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
@@ -187,10 +193,10 @@ def format_table(results: list[dict]) -> str:
     lines = [HEADER, "-" * len(HEADER)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['row']:<20} failed: {r['error']}")
+            lines.append(f"{r['row']:<26} failed: {r['error']}")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        lines.append(f"{r['row']:<20} {r['tokens_per_s']:9.1f} {ratio:>12} {r['step_s']:7.2f} "
+        lines.append(f"{r['row']:<26} {r['tokens_per_s']:9.1f} {ratio:>12} {r['step_s']:7.2f} "
                      f"{r['peak_tensor_bytes'] / 1e6:14.1f} {r['peak_rss_bytes'] / 1e6:11.1f} "
                      f"{r['first_loss']:7.3f} {r['trainable_params']:10,d}")
     return "\n".join(lines)

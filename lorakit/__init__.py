@@ -1,5 +1,6 @@
 """lorakit: LoRA and QLoRA fine-tuning of PyTorch models, PEFT-compatible, bitsandbytes-exact."""
 
+from lorakit.attention import use_fast_cpu_attention
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import (
@@ -52,4 +53,5 @@ __all__ = [
     "trainable_parameters",
     "unload",
     "unmerge_adapters",
+    "use_fast_cpu_attention",
 ]

@@ -132,19 +132,28 @@ def requantize_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     )
 
 
-def low_rank_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                    out_dtype: torch.dtype) -> torch.Tensor:
-    """scale * x @ A.T @ B.T in out_dtype.
+def add_low_rank_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """result + scale * x @ A.T @ B.T, in result's dtype.
 
     fp32 inputs compute in the adapter's dtype, as PEFT does. Half-precision activations keep their
     dtype and the (fp32 master) adapter weights are cast to it: the thin matmuls then run at bf16
-    speed, like autocast, without a round trip of the activations through fp32.
+    speed, like autocast, without a round trip of the activations through fp32. The scale is folded
+    into B ([out, r]) and the add into the second matmul (addmm), which saves two passes over the
+    [tokens, out] output per adapter.
     """
     if x.dtype in (torch.bfloat16, torch.float16) and A.dtype != x.dtype:
         A, B = A.to(x.dtype), B.to(x.dtype)
     else:
         x = x.to(A.dtype)
-    return (F.linear(F.linear(x, A), B) * scale).to(out_dtype)
+    h = F.linear(x, A)
+    scaled_B = B * scale
+    device = result.device.type
+    autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else result.dtype
+    if result.dtype == h.dtype == autocast_dtype and result.dim() >= 2:
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_B.t())
+        return out.view(result.shape)
+    return result + F.linear(h, scaled_B).to(result.dtype)
 
 
 def _adapter_dtype(base: nn.Module) -> torch.dtype | None:
@@ -228,7 +237,7 @@ class LoraLinear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in self._live_adapters():
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
-            result = result + low_rank_update(self.lora_dropout[name](x), A, B, self.scaling[name], result.dtype)
+            result = add_low_rank_update(result, self.lora_dropout[name](x), A, B, self.scaling[name])
         return result
 
     def extra_repr(self) -> str:

@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lorakit import attention as attention_module
 from lorakit.errors import LorakitError
 
 GB = 1e9
@@ -32,6 +33,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 TARGET_PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP,
                   "qv": ("q_proj", "v_proj")}
+ATTENTION_KINDS = ("sdpa", "plain")  # transformers' sdpa; lorakit/attention.py's CPU path (see attention_kind)
 
 
 @dataclass(frozen=True)
@@ -188,44 +190,134 @@ def optimizer_state_bytes(numel: int, optimizer: str, state_bytes: int = 4,
     return 2 * numel + 2 * 4 * math.ceil(numel / 256)
 
 
-def norm_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> float:
-    """An HF RMSNorm saves its input in fp32 (a copy unless fp32), the fp32 rsqrt, and two compute-dtype
-    tensors (the normalized input and its product with the weight)."""
-    return tokens * (shape.hidden * (4 + 2 * dtype_bytes) + 4)
+def attention_kind(device_type: str, seq_len: int) -> str:
+    """The attention a model from `lorakit.load_model` trains with: "plain" or "sdpa" (lorakit/attention.py).
 
-
-def layer_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> float:
-    """Bytes autograd saves for one Llama block (HF, sdpa attention, no dropout).
-
-    Measured term by term with saved_tensors_hooks: two norms; the rotated q, k and v and the
-    attention output (sdpa returns it in the layout o_proj wants, so no copy) and its fp32
-    log-sum-exp per head; the MLP's gate, silu(gate), up and their product. RoPE's multiplies by
-    cos/sin save only cos/sin, and the residual sums are the norms' (fp32) inputs, counted there.
+    On the CPU, lorakit runs a plain matmul-softmax-matmul while seq_len^2 <= attention.MAX_SCORES;
+    everywhere else (and for longer sequences) transformers' sdpa runs.
     """
-    s, d = dtype_bytes, shape.dim_head
+    if device_type == "cpu" and 1 < seq_len and seq_len * seq_len <= attention_module.MAX_SCORES:
+        return "plain"
+    return "sdpa"
+
+
+def norm_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, weight_trained: bool = True) -> float:
+    """Bytes one HF RMSNorm saves: its input in fp32 (a copy unless fp32) and the fp32 rsqrt per token, plus the
+    normalized input in the compute dtype when the weight trains (`weight * x` saves x only for the weight's
+    gradient). Its output is counted where a trained linear saves it."""
+    return tokens * (4 * shape.hidden + 4 + (dtype_bytes * shape.hidden if weight_trained else 0))
+
+
+def lora_path_bytes(fan_in: int, fan_out: int, rank: int, tokens: int, dtype_bytes: int,
+                    copies_A: bool = True) -> float:
+    """Bytes one adapter (lora.add_low_rank_update) saves besides its input x, which the first matmul saves
+    for A's gradient: h = x A^T (r per token, saved by the second matmul for B's gradient), scale * B in the
+    compute dtype (a new tensor, saved for h's gradient) and, when `copies_A`, the compute-dtype copy of A
+    (saved for x's gradient: made when the adapter's dtype differs from the activations', not saved when x
+    needs no gradient)."""
+    return dtype_bytes * (tokens * rank + fan_out * rank + (fan_in * rank if copies_A else 0))
+
+
+def layer_activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int, attention: str = "sdpa",
+                           targets: tuple[str, ...] | None = None, rank: int = 0, adapter_bytes: int = 4,
+                           first: bool = False) -> float:
+    """Bytes autograd saves for one decoder block (HF Llama, no dropout, no padding), counted with saved-tensor hooks.
+
+    targets=None is a full fine-tune (every weight trains); otherwise the LoRA targets with their rank and
+    adapter dtype bytes. A linear's input is saved only when the linear trains (a frozen weight needs no
+    x for its gradient); `first` is the block after frozen embeddings (adapter methods), whose input needs
+    no gradient: its first norm and the q, k, v adapters' A copies save nothing.
+      - norms: norm_activation_bytes each; their outputs (s H) when a linear reading them trains;
+      - attention "sdpa": q, k, v and the output (saved by the kernel whether o_proj trains or not) and an
+        fp32 log-sum-exp per head: s (2 q + 2 kv) + 4 heads per token;
+      - attention "plain" (lorakit/attention.py): q, the head-expanded k and v (s q each; copies when
+        kv < heads), the probabilities (s B heads T^2), the bool causal mask (T^2, one per layer: a padded
+        batch's mask is B T^2) and, when o_proj trains, the output made contiguous for it (s q);
+      - MLP: gate, silu(gate), up (s I each) and, when down_proj trains, their product (s I);
+      - adapters: lora_path_bytes per target.
+    RoPE's products with cos/sin save only cos/sin (shared by every layer, counted once in activation_bytes),
+    and the residual sums save nothing.
+    """
+    s, d, tokens, hidden = dtype_bytes, shape.dim_head, batch * seq_len, shape.hidden
     q, kv = shape.heads * d, shape.kv_heads * d
-    attention = tokens * (s * (2 * q + 2 * kv) + 4 * shape.heads)
-    mlp = tokens * s * (4 if shape.gated_mlp else 2) * shape.intermediate
-    return 2 * norm_activation_bytes(shape, tokens, s) + attention + mlp
+    linears = linear_shapes(shape)
+    full = targets is None
+    trained = set(linears) if full else set(targets)
+    norms = norm_activation_bytes(shape, tokens, s, weight_trained=full) * (1 if first and not full else 2)
+    norm_outputs = tokens * s * hidden * (bool(trained & {"q_proj", "k_proj", "v_proj"})
+                                          + bool(trained & {"gate_proj", "up_proj"}))
+    if attention == "plain":
+        scores = seq_len * seq_len
+        core = tokens * s * 3 * q + batch * shape.heads * scores * s + scores
+        core += tokens * s * q if "o_proj" in trained else 0
+    else:
+        core = tokens * (s * (2 * q + 2 * kv) + 4 * shape.heads)
+    if shape.gated_mlp:
+        mlp = tokens * s * shape.intermediate * (3 + ("down_proj" in trained))
+    else:  # GPT-2: the activation's input, and its output when c_proj trains
+        mlp = tokens * s * shape.intermediate * (1 + ("down_proj" in trained))
+    adapters = 0.0
+    if not full:
+        for proj in targets:
+            fan_in, fan_out = linears[proj]
+            copies_A = adapter_bytes != s and not (first and proj in ("q_proj", "k_proj", "v_proj"))
+            adapters += lora_path_bytes(fan_in, fan_out, rank, tokens, s, copies_A)
+    return norms + norm_outputs + core + mlp + adapters
 
 
-def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool) -> float:
-    """Saved activations of the decoder stack; with checkpointing, each layer's input plus one layer
-    recomputed during backward. Both add the final norm and the int64 token ids."""
-    layer = layer_activation_bytes(shape, tokens, dtype_bytes)
-    outside = norm_activation_bytes(shape, tokens, dtype_bytes) + 8 * tokens
+def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool,
+                     attention: str = "sdpa", targets: tuple[str, ...] | None = None, rank: int = 0,
+                     adapter_bytes: int = 4) -> float:
+    """Saved activations of the decoder stack (arguments as layer_activation_bytes) and the final norm.
+
+    With checkpointing: each layer's input plus one layer recomputed during backward. Without it: every
+    layer, and the k and v that transformers' DynamicCache keeps: load_model leaves use_cache=True and the
+    trainer's causal_lm_loss does not turn it off, so the cache lives until the loss is computed (sdpa saves
+    those same tensors; the plain path saves head-expanded copies, so with kv < heads they come on top).
+    """
+    tokens = batch * seq_len
+    layer_args = (shape, batch, seq_len, dtype_bytes, attention, targets, rank, adapter_bytes)
+    layer = layer_activation_bytes(*layer_args)
+    outside = norm_activation_bytes(shape, tokens, dtype_bytes, weight_trained=targets is None)
+    if not shape.positions:  # RoPE cos and sin, [T, head_dim] each, shared by all layers
+        outside += 2 * seq_len * shape.dim_head * dtype_bytes
     if checkpointing:
         return shape.layers * tokens * shape.hidden * dtype_bytes + layer + outside
-    return shape.layers * layer + outside
+    first = layer if targets is None else layer_activation_bytes(*layer_args, first=True)
+    cache = 0.0
+    if attention == "plain" and shape.kv_heads < shape.heads:
+        cache = shape.layers * tokens * 2 * shape.kv_heads * shape.dim_head * dtype_bytes
+    return (shape.layers - 1) * layer + first + cache + outside
 
 
-def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk: int | None) -> float:
-    """Peak of the loss at the start of backward. Plain: the logits, fp32 log-softmax, and two fp32
-    gradients (of the log-softmax and of its input). Chunked: one chunk's logits in fp32 and in the
-    compute dtype, plus the per-token fp32 log-sum-exp."""
+def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk: int | None,
+                 head_trained: bool = False) -> float:
+    """Peak bytes of the loss on top of the saved activations.
+
+    Plain (chunk None, the HF loss): at the start of backward the logits (s), the fp32 log-softmax and two
+    fp32 gradients, V (s + 12) per token, the shifted int64 labels, and the final hidden (s H) when the
+    head trains. Chunked (lorakit.train.loss.chunked_cross_entropy): the gradients are formed during the
+    forward, in one reused [rows, V] logits buffer in the compute dtype (rows = min(chunk, tokens)). The
+    reference kernels, which run on GPUs, with LORAKIT_COMPILE=0 and under a dispatch mode, add per chunk
+    an fp32 copy of the logits (none in fp32) and, inside torch.logsumexp, an fp32 x - max of the same
+    size (a temporary within one op: PeakMemoryTracker cannot see it, allocator_peak_bytes can). On the CPU
+    the compiled kernels keep those values in registers and the loss needs only the buffer; this models the
+    reference. The loss keeps grad_hidden [tokens, H] (s) for backward and 21 bytes per token (two int64
+    targets, a bool mask, an fp32 row scale) plus three fp32 values per chunk row. When the head trains, its
+    fp32 gradient [V, H] accumulates across chunks, and each chunk's grad_logits^T @ hidden (s) and its fp32
+    upcast are alive after the chunk's own temporaries died.
+    """
+    s, vocab, hidden = dtype_bytes, shape.vocab, shape.hidden
     if chunk is None:
-        return tokens * shape.vocab * (dtype_bytes + 12)
-    return min(chunk, tokens) * shape.vocab * (4 + 2 * dtype_bytes) + 4 * tokens
+        return tokens * (vocab * (s + 12) + 8 + (s * hidden if head_trained else 0))
+    rows = min(chunk, tokens)
+    upcast = 4 if s < 4 else 0  # .float() of a compute-dtype tensor is a copy, of an fp32 one a no-op
+    temporaries = rows * vocab * (upcast + 4)
+    head = 0.0
+    if head_trained:
+        head = 4 * vocab * hidden
+        temporaries = max(temporaries, vocab * hidden * (s + upcast))
+    return rows * vocab * s + temporaries + head + tokens * (s * hidden + 21) + 12 * rows
 
 
 @dataclass(frozen=True)
@@ -270,12 +362,13 @@ def estimate(shape: ModelShape, method: str = "lora", rank: int = 16, targets="a
              seq_len: int = 2048, optimizer: str = "adamw", gradient_checkpointing: bool = True,
              compute_dtype: torch.dtype = torch.bfloat16, param_dtype: torch.dtype = torch.float32,
              grad_dtype: torch.dtype | None = None, chunked_ce: bool = True, ce_chunk: int = 1024,
-             quant_blocksize: int = 64, double_quant: bool = True) -> MemoryEstimate:
+             quant_blocksize: int = 64, double_quant: bool = True, attention: str = "sdpa") -> MemoryEstimate:
     """Predict a training step's memory from the model shape.
 
     Trained tensors live in param_dtype: for full fine-tuning with param_dtype wider than
     compute_dtype that is an fp32 master copy beside the compute-dtype weights. grad_dtype defaults
     to compute_dtype for full fine-tuning (the 16-bytes accounting) and to param_dtype for adapters.
+    attention is "sdpa" or "plain", the kind lorakit trains with (attention_kind(device_type, seq_len)).
     """
     if method not in METHODS:
         raise LorakitError(f"estimate: method must be one of {METHODS}, got {method!r}")
@@ -283,6 +376,9 @@ def estimate(shape: ModelShape, method: str = "lora", rank: int = 16, targets="a
         raise LorakitError(f"estimate: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if batch < 1 or seq_len < 1:
         raise LorakitError(f"estimate: batch and seq_len must be >= 1, got batch={batch}, seq_len={seq_len}")
+    if attention not in ATTENTION_KINDS:
+        raise LorakitError(f"estimate: attention must be one of {ATTENTION_KINDS} (see attention_kind), "
+                           f"got {attention!r}")
     compute_bytes = _dtype_bytes(compute_dtype, "compute_dtype")
     param_bytes = _dtype_bytes(param_dtype, "param_dtype")
     tensors = parameter_tensors(shape)
@@ -310,11 +406,15 @@ def estimate(shape: ModelShape, method: str = "lora", rank: int = 16, targets="a
     optimizer_device = max(states) if optimizer == "paged_adamw8bit" else sum(states)
     optimizer_host = sum(states) if optimizer == "paged_adamw8bit" else 0.0
     tokens = batch * seq_len
-    activations = activation_bytes(shape, tokens, compute_bytes, gradient_checkpointing)
-    logits = logits_bytes(shape, tokens, compute_bytes, ce_chunk if chunked_ce else None)
+    lora_targets = None if method == "full" else resolve_targets(targets, shape)
+    activation_args = (shape, batch, seq_len, compute_bytes)
+    adapter_args = (attention, lora_targets, rank, param_bytes)
+    activations = activation_bytes(*activation_args, gradient_checkpointing, *adapter_args)
+    logits = logits_bytes(shape, tokens, compute_bytes, ce_chunk if chunked_ce else None,
+                          head_trained=method == "full")
     gradients = float(trainable * grad_bytes)
-    # With checkpointing the recomputed layer appears only after the loss's backward freed the logits.
-    overlap = min(layer_activation_bytes(shape, tokens, compute_bytes), logits) if gradient_checkpointing else 0.0
+    # With checkpointing the recomputed layer appears only after the loss's backward freed its memory.
+    overlap = min(layer_activation_bytes(*activation_args, *adapter_args), logits) if gradient_checkpointing else 0.0
     total = weights + master + adapter + optimizer_device + max(activations + logits - overlap, gradients)
     return MemoryEstimate(method, params, trainable, weights, master, adapter, gradients,
                           float(optimizer_device), float(optimizer_host), float(activations), float(logits),

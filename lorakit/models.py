@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.attention import IMPLEMENTATIONS, set_attention
 from lorakit.errors import LorakitError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -172,14 +173,21 @@ def load_model(
     quantize: str | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | None = None,
+    attn_implementation: str = "auto",
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a name, HF folder, .gguf or .safetensors; optionally 4-bit quantize.
 
     The model is returned in eval mode with ``use_cache=True`` (generation); the trainer switches
     both as it needs. The tokenizer pads on the left with eos as pad if it has none.
+    ``attn_implementation="auto"`` gives models that use sdpa lorakit's CPU attention
+    (lorakit/attention.py: faster training on short sequences, sdpa otherwise); "sdpa", "eager" or
+    "lorakit_cpu" force one.
     """
     if quantize not in (None, "nf4", "fp4"):
         raise LorakitError(f"quantize={quantize!r} is not supported; use 'nf4', 'fp4' or None")
+    if attn_implementation not in IMPLEMENTATIONS:
+        raise LorakitError(f"attn_implementation={attn_implementation!r} is not supported; use one of "
+                           f"{', '.join(IMPLEMENTATIONS)}")
     from transformers import AutoModelForCausalLM
 
     kind, path = _hf_folder(spec, cache_dir)
@@ -192,6 +200,7 @@ def load_model(
     else:
         model = _load_safetensors(path, dtype)
     model.config.use_cache = True
+    set_attention(model, attn_implementation)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()

@@ -11,10 +11,10 @@ the one-off compile (a few seconds per process) pays.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from lorakit.compile import compile_enabled, disable_compile, raise_recompile_limit
 from lorakit.quant.nf4 import QuantState, _byte_lut
 
 MIN_ELEMENTS = 1 << 16  # below this the reference is already fast and compiling isn't worth it
@@ -39,13 +39,8 @@ def _fused_nested(data: torch.Tensor, lut: torch.Tensor, qabsmax: torch.Tensor, 
 
 @functools.cache
 def _compiled(nested: bool, numel: int):
-    # Static shapes: inductor's dynamic-shape version of this gather is ~20x slower. A model has a
-    # handful of weight sizes, each compiled once; lift dynamo's per-function limit to hold them all.
-    import torch._dynamo
-
-    limit = getattr(torch._dynamo.config, "recompile_limit", None)
-    if limit is not None and limit < 64:
-        torch._dynamo.config.recompile_limit = 64
+    # Static shapes: inductor's dynamic-shape version of this gather is ~20x slower.
+    raise_recompile_limit()
     fn = _fused_nested if nested else _fused_plain
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
@@ -55,13 +50,10 @@ def _lut_for(code_key: tuple[float, ...]) -> torch.Tensor:
     return _byte_lut(torch.tensor(code_key, dtype=torch.float32))
 
 
-_DISABLED: list[bool] = [os.environ.get("LORAKIT_COMPILE", "1") == "0"]
-
-
 def usable(packed: torch.Tensor, state: QuantState) -> bool:
     """True when the fused path applies: CPU, big enough, whole blocks, compiling not disabled."""
     n = state.shape.numel() if isinstance(state.shape, torch.Size) else int(torch.Size(state.shape).numel())
-    return (not _DISABLED[0] and packed.device.type == "cpu" and n >= MIN_ELEMENTS and n % state.blocksize == 0
+    return (compile_enabled() and packed.device.type == "cpu" and n >= MIN_ELEMENTS and n % state.blocksize == 0
             and (not state.nested or state.state2.absmax.dtype == torch.float32))
 
 
@@ -82,7 +74,7 @@ def dequantize_4bit_cpu(packed: torch.Tensor, state: QuantState, dtype: torch.dt
         else:
             out = _compiled(False, data.numel())(data, lut, state.absmax.float(), state.blocksize, out_dtype)
     except Exception:  # no C++ compiler, an unsupported platform...: the reference always works
-        _DISABLED[0] = True
+        disable_compile()
         from lorakit.quant.nf4 import dequantize_4bit_reference
 
         return dequantize_4bit_reference(packed, state).to(out_dtype)

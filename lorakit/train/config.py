@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from lorakit.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 
@@ -50,6 +51,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     bf16: bool = True
     chunked_loss: bool = True
+    attn_implementation: str = "auto"
     eval_every: int = 50
     save_every: int = 50
     log_every: int = 1
@@ -62,6 +64,7 @@ class TrainConfig:
         _choice("quantize", self.quantize, QUANT_TYPES)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         for name in FLOAT_FIELDS:
             setattr(self, name, _as_float(name, getattr(self, name)))
         for name in BOOL_FIELDS:

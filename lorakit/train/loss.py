@@ -3,18 +3,21 @@
 With a 128k vocabulary, B*T = 16k tokens give 8 GB of fp32 logits plus as much again for their
 log-softmax saved for backward; this is often the largest single allocation of a LoRA run.
 `chunked_cross_entropy` takes the last hidden states and the head weight instead of logits: the
-forward computes logits for `chunk_size` tokens at a time and keeps only each token's
-log-sum-exp, and the backward recomputes each chunk's logits to form its gradient. The peak extra
-memory is one chunk's logits (a few of them while the softmax gradient is formed), not B*T*V.
+forward computes logits for `chunk_size` tokens at a time into one reused buffer, turns them into
+their gradient in place and keeps only the gradients of its inputs (the size of the inputs). The
+peak extra memory is one chunk's logits, not B*T*V, and the head matmul is never recomputed.
 
 Both functions return the mean over supervised tokens (labels != ignore_index), like
 `F.cross_entropy`, except that a batch with no supervised token gives 0 (and zero gradients)
 instead of NaN, so one fully masked batch does not poison a run.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from lorakit.compile import compile_enabled, raise_recompile_limit
 from lorakit.errors import LorakitError
 
 
@@ -53,54 +56,102 @@ def reference_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, 
     return total / (targets != ignore_index).sum().clamp(min=1)
 
 
+def chunk_stats_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: fp32 log-sum-exp of the logits and the target's logit."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1), logits.gather(1, targets[:, None]).squeeze(1)
+
+
+def softmax_grad_reference_(logits: torch.Tensor, logsumexp: torch.Tensor, targets: torch.Tensor,
+                            row_scale: torch.Tensor) -> torch.Tensor:
+    """Overwrite logits with d(sum of row_scale * (lse - logit_y))/dlogits = (softmax - onehot(y)) * row_scale."""
+    grad = torch.exp_(logits.float().sub_(logsumexp[:, None]))
+    grad.scatter_add_(1, targets[:, None], torch.full_like(logsumexp[:, None], -1.0))
+    return logits.copy_(grad.mul_(row_scale[:, None]))
+
+
+def _softmax_grad_fused_(logits, logsumexp, targets, row_scale):
+    grad = torch.exp(logits.float() - logsumexp[:, None])
+    vocab = torch.arange(logits.shape[1], device=logits.device)
+    grad = grad - (vocab[None, :] == targets[:, None]).float()
+    return logits.copy_(grad * row_scale[:, None])
+
+
+@functools.cache
+def _fused():
+    # One read of the bf16 logits per pass, fp32 math in registers: eager PyTorch instead writes
+    # the chunk out in fp32 three times, and on the CPU those passes cost more than the head matmul.
+    raise_recompile_limit()
+    return (torch.compile(chunk_stats_reference, dynamic=True, fullgraph=True),
+            torch.compile(_softmax_grad_fused_, dynamic=True, fullgraph=True))
+
+
+def _chunk_kernels(device: torch.device):
+    if device.type == "cpu" and compile_enabled():
+        return _fused()
+    return chunk_stats_reference, softmax_grad_reference_
+
+
+def _chunk_pass(kernels, hidden2d, weight, safe_targets, valid, row_scale, chunk_size,
+                want_hidden, want_weight):
+    stats, softmax_grad_ = kernels
+    n_rows, vocab = hidden2d.shape[0], weight.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=hidden2d.device)
+    grad_hidden = torch.empty_like(hidden2d) if want_hidden else None
+    # fp32 accumulation across chunks: a bf16 running sum would round at every chunk.
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+    # One logits buffer reused by every chunk: a fresh chunk-sized allocation per chunk costs page
+    # faults on the CPU comparable to the matmul that fills it.
+    buffer = hidden2d.new_empty(min(chunk_size, n_rows), vocab)
+    for start in range(0, n_rows, chunk_size):
+        rows = slice(start, start + chunk_size)
+        hidden_chunk = hidden2d[rows]
+        logits = torch.mm(hidden_chunk, weight.t(), out=buffer[: hidden_chunk.shape[0]])
+        logsumexp, target_logit = stats(logits, safe_targets[rows])
+        total += ((logsumexp - target_logit) * valid[rows]).sum()
+        if not (want_hidden or want_weight):
+            continue
+        grad_logits = softmax_grad_(logits, logsumexp, safe_targets[rows], row_scale[rows])
+        if want_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        if want_weight:
+            grad_weight += (grad_logits.t() @ hidden_chunk).float()
+    return total, grad_hidden, grad_weight
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Sum of token losses over [N, H] hidden states; saves only inputs and per-token log-sum-exp."""
+    """Sum of token losses over [N, H] hidden states; gradients are formed during the forward.
+
+    The loss is the end of the graph, so d(loss)/d(logits) is known as soon as a chunk's
+    log-sum-exp is: the forward turns each chunk's logits into their gradient in place and keeps
+    only d(loss)/d(hidden) ([N, H], the size of the input) and d(loss)/d(head). Backward scales
+    them by the incoming gradient; the head matmul runs once instead of being recomputed.
+    """
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, targets, chunk_size, ignore_index, n_valid):
+    def forward(ctx, hidden2d, weight, targets, chunk_size, ignore_index, n_valid, want_grads):
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-        logsumexp = torch.empty(hidden2d.shape[0], dtype=torch.float32, device=hidden2d.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden2d.device)
-        for start in range(0, hidden2d.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            # The matmul runs in the input dtype (as the model's lm_head would); softmax math in fp32.
-            logits = (hidden2d[rows] @ weight.t()).float()
-            logsumexp[rows] = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)
-            total += ((logsumexp[rows] - target_logit) * valid[rows]).sum()
-        ctx.save_for_backward(hidden2d, weight, safe_targets, valid, logsumexp)
-        ctx.chunk_size = chunk_size
-        ctx.n_valid = n_valid
+        row_scale = valid.float() / max(n_valid, 1)
+        want_hidden = want_grads and ctx.needs_input_grad[0]
+        want_weight = want_grads and ctx.needs_input_grad[1]
+        total, grad_hidden, grad_weight = _chunk_pass(
+            _chunk_kernels(hidden2d.device), hidden2d, weight, safe_targets, valid, row_scale, chunk_size,
+            want_hidden, want_weight)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total / max(n_valid, 1)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden2d, weight, safe_targets, valid, logsumexp = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scale = grad_loss.float() / max(ctx.n_valid, 1)
-        grad_hidden = torch.empty_like(hidden2d) if need_hidden else None
-        # fp32 accumulation across chunks: a bf16 running sum would round at every chunk.
-        grad_weight = None
-        if need_weight:
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for start in range(0, hidden2d.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            hidden_chunk = hidden2d[rows]
-            logits = (hidden_chunk @ weight.t()).float()
-            # d(lse - logit_y)/dlogits = softmax - onehot(y); ignored rows get zero.
-            grad_logits = torch.exp_(logits.sub_(logsumexp[rows, None]))
-            grad_logits.scatter_add_(1, safe_targets[rows, None],
-                                     torch.full_like(logsumexp[rows, None], -1.0))
-            grad_logits.mul_((valid[rows] * scale)[:, None])
-            grad_logits = grad_logits.to(hidden2d.dtype)
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if need_weight:
-                grad_weight += (grad_logits.t() @ hidden_chunk).float()
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        one = bool(grad_loss == 1)  # the usual case: skip a rounding pass over bf16 gradients
+        if grad_hidden is not None and not one:
+            grad_hidden = (grad_hidden.float() * grad_loss).to(grad_hidden.dtype)
+        if grad_weight is not None and not one:
+            grad_weight = (grad_weight.float() * grad_loss).to(grad_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
@@ -111,4 +162,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
     targets = _flat_targets(labels, shift, ignore_index)
     n_valid = int((targets != ignore_index).sum())
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    return _ChunkedCrossEntropy.apply(hidden2d, lm_head_weight, targets, chunk_size, ignore_index, n_valid)
+    want_grads = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    return _ChunkedCrossEntropy.apply(hidden2d, lm_head_weight, targets, chunk_size, ignore_index, n_valid,
+                                      want_grads)

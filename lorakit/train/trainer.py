@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     if model is None:
         from lorakit.models import load_model
 
-        model, tokenizer = load_model(cfg.model, quantize=cfg.quantize)
+        model, tokenizer = load_model(cfg.model, quantize=cfg.quantize, attn_implementation=cfg.attn_implementation)
     train_set, val_set, data_stats = data_mod.build_dataset(
         train_examples, tokenizer, max_seq_len=cfg.max_seq_len, packing=cfg.packing,
         val_file=cfg.val_file, val_fraction=cfg.val_fraction, seed=cfg.seed,
