@@ -54,3 +54,8 @@ def test_quant_error_tiny_prints_its_table():
     out = run_benchmark("quant_error.py", "--tiny")
     assert "| weights | MSE | MSE / mean(w^2) |" in out
     assert "| model (linears) | perplexity | bytes/weight of linears | seconds |" in out
+    assert "Weights not stored in 4 bits" in out and "| INT4 (absmax/7), bf16 compute |" in out
+    # NF4's code beats FP4's on every weight set (three tables), the random-init tiny weights included
+    nf4 = [float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| NF4 |")]
+    fp4 = [float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| FP4 |")]
+    assert len(nf4) == len(fp4) == 3 and all(n < f for n, f in zip(nf4, fp4))
