@@ -7,9 +7,10 @@ on SmolLM2-135M's shapes (batch 4, 256 tokens, 9 query / 3 key-value heads of 64
 q_len * kv_len <= MAX_SCORES; longer sequences, decoding steps, other devices and the features
 it does not implement go to transformers' sdpa path unchanged.
 
-Numerics are those of transformers' "eager" attention: bf16 scores, a softmax computed in fp32
-and stored in the input dtype, masked positions at the dtype's minimum (so a fully masked
-padding row gives a uniform row, not NaN).
+Numerics are those of transformers' "eager" attention (bit-identical when the scale is a power of
+two, i.e. head_dim 4, 16, 64, 256): bf16 scores, a softmax computed in fp32 and stored in the input
+dtype, masked positions at the dtype's minimum (so a fully masked padding row gives a uniform
+row, not NaN).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def plain_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     # Autocast would run the softmax in fp32 and keep a fp32 copy for backward; the input dtype is enough
     # to store probabilities, and the softmax kernel accumulates in fp32 internally.
     with torch.autocast(query.device.type, enabled=False):
-        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        # Scaling q ([T, D]) instead of the scores ([T, T]) is exact for power-of-two scales (head_dim 64).
+        scores = torch.matmul(query * scaling, key.transpose(2, 3))
         if mask is None:  # causal
             length = query.shape[2]
             mask = torch.ones(length, length, dtype=torch.bool, device=query.device).tril_()

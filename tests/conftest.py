@@ -1,5 +1,7 @@
 """Shared fixtures: small random-init transformers models built from configs (no downloads)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,3 +37,29 @@ def llama():
 def tokens():
     torch.manual_seed(1)
     return torch.randint(0, 128, (2, 16))
+
+
+def build_tiny_model_folder(folder: Path) -> Path:
+    """A random-init 2-layer Llama (hidden 32) sized to the real SmolLM2 tokenizer, saved with that tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_train_config(model_dir: Path, train_file: Path, output_dir: Path, **overrides) -> dict:
+    """Settings that train the tiny model in about a second per 5 steps (fp32, no quantization)."""
+    settings = {"model": str(model_dir), "quantize": None, "train_file": str(train_file),
+                "output_dir": str(output_dir), "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+                "batch_size": 4, "max_steps": 20, "learning_rate": 1e-2, "max_seq_len": 64, "warmup_ratio": 0.1,
+                "bf16": False, "save_every": 1000, "eval_every": 1000, "tensorboard": False}
+    return {**settings, **overrides}

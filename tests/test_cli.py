@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from test_trainer import build_tiny_model_folder, tiny_train_config
+from conftest import build_tiny_model_folder, tiny_train_config
 
 from lorakit.cli import build_parser, main
 from lorakit.config import LoraConfig

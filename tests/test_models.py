@@ -21,7 +21,10 @@ def save_tiny(folder, tie=False):
     return model
 
 
-def logits(model, ids=PROMPT):
+def logits(model, ids=PROMPT, like=None):
+    """Logits of `ids`; with `like`, first switch to like's attention (load_model picks lorakit's)."""
+    if like is not None:
+        model.set_attn_implementation(like.config._attn_implementation)
     with torch.no_grad():
         return model(torch.tensor(ids)).logits
 
@@ -31,7 +34,7 @@ def logits(model, ids=PROMPT):
 def test_hf_folder_loads_with_identical_logits(tmp_path):
     original = save_tiny(tmp_path)
     model, tok = load_model(str(tmp_path))
-    assert torch.equal(logits(model), logits(original))
+    assert torch.equal(logits(model), logits(original, like=model))
     assert not model.training and model.config.use_cache
     assert tok.padding_side == "left" and tok.pad_token == "<pad>"
 
@@ -42,7 +45,7 @@ def test_safetensors_file_with_config_loads(tmp_path, tie):
     renamed = tmp_path / "weights.safetensors"
     (tmp_path / "model.safetensors").rename(renamed)
     model, _ = load_model(str(renamed))
-    assert torch.equal(logits(model), logits(original))
+    assert torch.equal(logits(model), logits(original, like=model))
     if tie:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
