@@ -152,11 +152,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from lorakit.memory import estimate_from_spec, plot_memory_vs_size
+    from lorakit.memory import attention_kind, estimate_from_spec, plot_memory_vs_size
 
     estimate = estimate_from_spec(args.model, method=args.method, rank=args.rank, batch=args.batch,
                                   seq_len=args.seq_len, optimizer=args.optimizer,
-                                  gradient_checkpointing=not args.no_gradient_checkpointing)
+                                  gradient_checkpointing=not args.no_gradient_checkpointing,
+                                  attention=attention_kind(args.device, args.seq_len))
     print(estimate.table())
     if args.plot:
         plot_memory_vs_size(args.plot)
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where it trains: the CPU uses lorakit's plain attention on short sequences (default: cuda)")
     p.add_argument("--plot", metavar="PNG", help="also write memory vs model size for the three methods")
     p.set_defaults(func=_cmd_estimate)
     return parser

@@ -6,6 +6,9 @@ The accounting (docs/memory.md has the derivation and a measured check):
 - LoRA: frozen base in the compute dtype (2 bytes/param) + the adapter with full training state;
 - QLoRA: decoder linears in NF4 (0.5 byte/param + absmax: 0.5 bit/param in fp32 at block 64, ~0.127
   bit/param with double quant), embeddings/norms/head in the compute dtype, adapter as in LoRA.
+Activations are what autograd saves per block (layer_activation_bytes): it depends on which weights train
+and on the attention kind, "sdpa" or lorakit's CPU "plain" (attention_kind). The chunked loss adds one
+chunk's logits and the reference kernels' fp32 temporaries (logits_bytes).
 Peak = persistent state + max(activations + logits, gradients): during backward, each layer's saved
 activations are freed as its gradients appear, so the two do not add up. With gradient checkpointing
 the recomputed layer and the logits are never alive together, so only the larger of them counts.
@@ -17,6 +20,7 @@ import json
 import math
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -226,7 +230,8 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_by
     targets=None is a full fine-tune (every weight trains); otherwise the LoRA targets with their rank and
     adapter dtype bytes. A linear's input is saved only when the linear trains (a frozen weight needs no
     x for its gradient); `first` is the block after frozen embeddings (adapter methods), whose input needs
-    no gradient: its first norm and the q, k, v adapters' A copies save nothing.
+    no gradient: its first norm and the q, k, v adapters' A copies save nothing (exact when q, k and v all
+    train, as with all-linear; with fewer of them the first block saves a little less than counted).
       - norms: norm_activation_bytes each; their outputs (s H) when a linear reading them trains;
       - attention "sdpa": q, k, v and the output (saved by the kernel whether o_proj trains or not) and an
         fp32 log-sum-exp per head: s (2 q + 2 kv) + 4 heads per token;
@@ -281,6 +286,8 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
     outside = norm_activation_bytes(shape, tokens, dtype_bytes, weight_trained=targets is None)
     if not shape.positions:  # RoPE cos and sin, [T, head_dim] each, shared by all layers
         outside += 2 * seq_len * shape.dim_head * dtype_bytes
+    if targets is None:  # a trained embedding's backward keeps the int64 token ids
+        outside += 8 * tokens
     if checkpointing:
         return shape.layers * tokens * shape.hidden * dtype_bytes + layer + outside
     first = layer if targets is None else layer_activation_bytes(*layer_args, first=True)
@@ -493,7 +500,9 @@ class PeakMemoryTracker(TorchDispatchMode):
 
     Deterministic on any device (it sees every aten op, forward and backward, on this thread):
     a storage counts from the op that created it until its last tensor dies. Storages created
-    before the tracker started (the model's weights) are not counted.
+    before the tracker started (the model's weights) are not counted. It sees ops' outputs only,
+    not temporaries a kernel allocates and frees inside itself (torch.logsumexp's x - max, as big
+    as its input): allocator_peak_bytes sees those on the CPU.
     """
 
     def __init__(self):
@@ -522,3 +531,24 @@ class PeakMemoryTracker(TorchDispatchMode):
             self.live_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return out
+
+
+def allocator_peak_bytes(run: Callable[[], object]) -> int:
+    """Peak of the bytes the CPU allocator handed out and not yet took back while run() ran.
+
+    Read from torch.profiler's memory events, so unlike PeakMemoryTracker it includes the temporaries
+    ops allocate inside their kernels. Frees of storages made before run() count against the peak (as
+    on a device). Run a PeakMemoryTracker inside run() to get both figures for one step.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [event for event in prof.profiler.kineto_results.events()
+              if event.name() == "[memory]" and event.device_type() == DeviceType.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):  # stable: ties keep recorded order
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak

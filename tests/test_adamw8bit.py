@@ -198,3 +198,20 @@ def test_update_error_vs_fp32_equals_bitsandbytes_on_the_same_gradients():
     assert ours[0] == 0.0  # the first step has no quantized history yet
     assert max(ours) <= 1.02 * max(theirs)
     assert sum(ours) <= 1.02 * sum(theirs)
+
+
+def test_tiny_second_moment_is_never_stored_as_zero():
+    # One large and many tiny gradients in a block: the tiny ones' v is far below the block's smallest
+    # positive code. Stored as 0 they step by more than lr (measured 1.6 lr); floored they step <= lr.
+    param = torch.zeros(4096, requires_grad=True)
+    opt = AdamW8bit([param], lr=1e-3, weight_decay=0.0)
+    grad = torch.full((4096,), 1e-3)  # m at 1e-4 of the block max is representable, v at 1e-8 is not
+    grad[::256] = 10.0  # one outlier per block
+    for _ in range(3):
+        before = param.detach().clone()
+        param.grad = grad.clone()
+        opt.step()
+    step = (param.detach() - before).abs()
+    assert step.max().item() <= 1.0e-3 * 1.01  # Adam's step is bounded by lr when v is not underestimated
+    codes = opt.state[param]["state2"]
+    assert (codes > 0).all()

@@ -1,24 +1,40 @@
-"""The memory estimator: hand-computed arithmetic, presets, the plot, and one measured training step."""
+"""The memory estimator: hand-computed arithmetic, presets, the plot, saved tensors and measured training steps."""
 
 import json
+import re
+from collections import Counter
 
 import pytest
 import torch
+from conftest import tiny_llama
 
+import lorakit as lk
+from lorakit import attention
 from lorakit.errors import LorakitError
 from lorakit.memory import (
     ModelShape,
     PeakMemoryTracker,
+    activation_bytes,
     adapter_tensors,
+    allocator_peak_bytes,
+    attention_kind,
     comparison_table,
     estimate,
     estimate_from_spec,
+    layer_activation_bytes,
+    logits_bytes,
+    lora_path_bytes,
     nf4_bytes,
+    norm_activation_bytes,
     parameter_count,
     plot_memory_vs_size,
 )
+from lorakit.optim import make_optimizer
+from lorakit.train.trainer import causal_lm_loss
 
 LLAMA_7B = ModelShape.from_name("llama-7b")
+SMOLLM2 = ModelShape.from_name("smollm2-135m")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def test_llama_7b_and_smollm2_parameter_counts():
@@ -159,3 +175,180 @@ def test_tracker_counts_live_and_peak_bytes():
         del y
     assert tracker.peak_bytes == 8000 and tracker.live_bytes == 4000
     assert view.numel() == 10
+
+
+def test_tracker_misses_a_kernels_internal_temporary_that_the_allocator_sees():
+    logits = torch.randn(256, 1024)  # 1 MiB of fp32
+    with PeakMemoryTracker() as tracker:
+        torch.logsumexp(logits, dim=-1)
+    assert tracker.peak_bytes == 4 * 256  # the result only
+    # logsumexp computes x - max into a temporary as big as its input, inside the one op
+    assert allocator_peak_bytes(lambda: torch.logsumexp(logits, dim=-1)) >= logits.nbytes + 4 * 256
+
+
+def test_attention_kind_follows_lorakit_attention(monkeypatch):
+    assert attention_kind("cpu", 256) == "plain"
+    assert attention_kind("cpu", 1024) == "plain"  # 1024 x 1024 scores = attention.MAX_SCORES
+    assert attention_kind("cpu", 1025) == "sdpa"
+    assert attention_kind("cpu", 1) == "sdpa"  # a decoding step
+    assert attention_kind("cuda", 256) == "sdpa"
+    monkeypatch.setattr(attention, "MAX_SCORES", 255 * 255)
+    assert attention_kind("cpu", 256) == "sdpa"
+    with pytest.raises(LorakitError, match="attention must be one of"):
+        estimate(SMOLLM2, attention="eager")
+
+
+def test_norm_and_lora_path_terms_hand_computed():
+    h = 576
+    assert norm_activation_bytes(SMOLLM2, 512, 2, weight_trained=False) == 512 * (4 * h + 4)  # fp32 input, rsqrt
+    assert norm_activation_bytes(SMOLLM2, 512, 2, weight_trained=True) == 512 * (4 * h + 4 + 2 * h)
+    # q_proj 576 -> 576, r=16, 512 tokens, bf16: h (r per token), B * scale, A's copy
+    assert lora_path_bytes(576, 576, 16, 512, 2) == 2 * (512 * 16 + 576 * 16 + 576 * 16) == 53_248
+    assert lora_path_bytes(576, 576, 16, 512, 2, copies_A=False) == 2 * (512 * 16 + 576 * 16)
+
+
+def test_layer_terms_hand_computed_for_smollm2():
+    b, t, s, r = 2, 256, 2, 16
+    n, h, q, kv, inter, heads = b * t, 576, 576, 192, 1536, 9
+    norms = 2 * n * (4 * h + 4) + 2 * n * s * h  # two frozen norms and their outputs (read by trained linears)
+    mlp = 4 * n * s * inter  # gate, silu(gate), up, their product (down_proj trains)
+    lora = sum(s * (n * r + fan_out * r + fan_in * r) for fan_in, fan_out in
+               ((h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)))
+    plain = 4 * n * s * q + b * heads * t * t * s + t * t  # q, k, v expanded, output; probabilities; mask
+    sdpa = n * (s * (2 * q + 2 * kv) + 4 * heads)  # q, k, v, output; fp32 log-sum-exp per head
+    args = (SMOLLM2, b, t, s)
+    assert layer_activation_bytes(*args, "plain", ALL_LINEAR, r, 4) == norms + plain + mlp + lora == 15_058_944
+    assert layer_activation_bytes(*args, "sdpa", ALL_LINEAR, r, 4) == norms + sdpa + mlp + lora == 11_866_112
+    # the block after the frozen embeddings: no first norm, no copies of q, k, v's A
+    first = layer_activation_bytes(*args, "plain", ALL_LINEAR, r, 4, first=True)
+    assert first == norms + plain + mlp + lora - n * (4 * h + 4) - s * r * 3 * h
+    # full fine-tune: norms also save the normalized input; every linear's input is saved
+    full = layer_activation_bytes(*args, "sdpa")
+    assert full == 2 * n * (4 * h + 4 + 2 * s * h) + sdpa + mlp
+    # without checkpointing the DynamicCache keeps k and v, which the plain path does not save (kv < heads)
+    stack = activation_bytes(*args, False, "plain", ALL_LINEAR, r, 4)
+    cache = 30 * n * 2 * kv * s
+    outside = n * (4 * h + 4) + 2 * t * 64 * s  # final norm; RoPE cos and sin
+    assert stack == 29 * layer_activation_bytes(*args, "plain", ALL_LINEAR, r, 4) + first + cache + outside
+    checkpointed = activation_bytes(*args, True, "plain", ALL_LINEAR, r, 4)
+    assert checkpointed == 30 * n * h * s + layer_activation_bytes(*args, "plain", ALL_LINEAR, r, 4) + outside
+
+
+def test_chunked_loss_term_hand_computed():
+    v, h = 49152, 576
+    # 2048 tokens in chunks of 1024, bf16: buffer 2, fp32 upcast 4, logsumexp's fp32 x - max 4 (bytes per logit)
+    bf16 = 1024 * v * (2 + 4 + 4) + 2048 * (2 * h + 21) + 12 * 1024
+    assert logits_bytes(SMOLLM2, 2048, 2, 1024) == bf16 == 505_731_072
+    # fp32: the buffer is already fp32, no upcast copy
+    assert logits_bytes(SMOLLM2, 2048, 4, 1024) == 1024 * v * (4 + 4) + 2048 * (4 * h + 21) + 12 * 1024
+    # fewer tokens than a chunk: the buffer holds the tokens
+    assert logits_bytes(SMOLLM2, 512, 2, 1024) == 512 * v * 10 + 512 * (2 * h + 21) + 12 * 512
+    # a trained head: its fp32 gradient, and grad_logits^T @ hidden (bf16) with its fp32 upcast after each
+    # chunk, which here outweigh the chunk's own temporaries (v h 6 > 128 v 8)
+    assert logits_bytes(SMOLLM2, 512, 2, 128, head_trained=True) == (
+        128 * v * 2 + v * h * (2 + 4) + 4 * v * h + 512 * (2 * h + 21) + 12 * 128)
+    assert logits_bytes(SMOLLM2, 512, 2, None) == 512 * (v * 14 + 8)  # plain loss, frozen head
+
+
+def _lorakit_tiny(quantize=None, attn="plain", layers=3, vocab=128):
+    """A bf16 tiny Llama as lorakit loads and trains it, LoRA r=4 on all linears (benchmarks/train_step.py)."""
+    model = tiny_llama(layers=layers, vocab=vocab, tie=True).to(torch.bfloat16)
+    if attn == "plain":
+        assert lk.use_fast_cpu_attention(model)
+    model.config.use_cache = True  # as load_model leaves it
+    if quantize:
+        lk.quantize_model(model, lk.QuantConfig(quant_type=quantize))
+    torch.manual_seed(0)
+    lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    return model.train()
+
+
+def _lorakit_loss(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as lorakit's trainer
+        return causal_lm_loss(model, batch, chunked=True)
+
+
+def _token_batch(vocab, batch, seq):
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@pytest.mark.parametrize("attn,quantize", [("plain", None), ("plain", "nf4"), ("sdpa", None)])
+def test_saved_tensors_of_a_lorakit_step_match_the_layer_terms(attn, quantize):
+    model = _lorakit_tiny(quantize, attn)
+    shape = ModelShape.from_hf_config(model.config.to_dict())
+    b, t = 2, 32
+    persistent = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
+    names = {module: name for name, module in model.named_modules()}
+    stack = ["loss"]
+    hooks = [hook for module in model.modules() for hook in (
+        module.register_forward_pre_hook(lambda m, args: stack.append(names[m])),
+        module.register_forward_hook(lambda m, args, out: stack.pop() and None))]
+    saved = Counter()
+    seen = set()
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in persistent and key not in seen:  # each storage once, weights excluded
+            seen.add(key)
+            layer = re.match(r"model\.layers\.(\d+)", stack[-1])
+            saved[int(layer.group(1)) if layer else stack[-1]] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = _lorakit_loss(model, _token_batch(shape.vocab, b, t))
+    for hook in hooks:
+        hook.remove()
+    loss.backward()
+    layer = layer_activation_bytes(shape, b, t, 2, attn, ALL_LINEAR, 4, 4)
+    first = layer_activation_bytes(shape, b, t, 2, attn, ALL_LINEAR, 4, 4, first=True)
+    rope = 2 * t * shape.dim_head * 2  # cos and sin, first saved by layer 0 and shared
+    assert saved[1] == saved[2] == layer
+    assert saved[0] == first + rope
+    assert saved["model.norm"] == norm_activation_bytes(shape, b * t, 2, weight_trained=False)
+    assert saved["loss"] == b * t * shape.hidden * 2  # chunked CE keeps only grad_hidden
+
+
+def _measured_lorakit_step(quantize, checkpointing, batch, seq, vocab):
+    """(held bytes, allocator peak of the 2nd step, model shape) of a lorakit LoRA/QLoRA training step."""
+    model = _lorakit_tiny(quantize, vocab=vocab)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    data = _token_batch(vocab, batch, seq)
+
+    def step():
+        # Under a dispatch mode the loss runs its reference kernels (what a GPU runs), as estimate() models.
+        with PeakMemoryTracker():
+            _lorakit_loss(model, data).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    step()  # creates the optimizer state
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    return held, allocator_peak_bytes(step), ModelShape.from_hf_config(model.config.to_dict())
+
+
+@pytest.mark.parametrize("method,checkpointing", [("lora", False), ("qlora", True)])
+def test_predicted_peak_matches_a_measured_lorakit_step(method, checkpointing):
+    held, step_peak, shape = _measured_lorakit_step("nf4" if method == "qlora" else None, checkpointing,
+                                                    batch=4, seq=64, vocab=1024)
+    est = estimate(shape, method=method, rank=4, batch=4, seq_len=64, gradient_checkpointing=checkpointing,
+                   attention=attention_kind("cpu", 64))
+    assert est.weights + est.adapter + est.optimizer == pytest.approx(held, rel=0.01)
+    assert abs((held + step_peak) / est.total - 1) <= 0.15, (held + step_peak, est.total)
+
+
+def test_cli_estimate_for_the_cpu_uses_plain_attention(capsys):
+    from lorakit.cli import main
+
+    args = ["estimate", "--model", "smollm2-135m", "--method", "lora", "--batch", "4", "--seq-len", "256"]
+    assert main(args) == 0
+    gpu = capsys.readouterr().out
+    assert main([*args, "--device", "cpu"]) == 0
+    cpu = capsys.readouterr().out
+    plain = estimate(SMOLLM2, method="lora", batch=4, seq_len=256, attention="plain")
+    assert f"  {'activations':<15} {plain.activations / 1e9:10.2f} GB" in cpu.splitlines()
+    assert gpu != cpu
