@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -73,6 +75,30 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bo
         hidden = out[0]
         return chunked_cross_entropy(hidden, head.weight.to(hidden.dtype), batch["labels"])
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+class StopRequest:
+    """Ctrl-C during training: the first one stops after the current step, a second one at once.
+
+    Finishing the step keeps the checkpoint exact (no half-applied optimizer step), and a flag does not
+    depend on a KeyboardInterrupt surviving whatever library code the signal lands in.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self) -> None:
+        """Put back the handler that was there before."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -297,10 +323,13 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     # A periodic checkpoint is written one step late, once the next step's loss is finite: after a NaN
     # stop the kept checkpoint holds weights that still gave a finite loss, not the ones that blew up.
     save_due, step_rng = False, rng_state()
+    stop = StopRequest()
     try:
         while step < total_steps:
             t0 = time.perf_counter()
             step_rng = rng_state()
+            if stop.requested:
+                raise KeyboardInterrupt  # at a step boundary: the checkpoint is exactly `step` steps in
             batches = [micro_batch(step * cfg.gradient_accumulation_steps + micro)
                        for micro in range(cfg.gradient_accumulation_steps)]
             step_loss = accumulate_gradients(model, batches, cfg.chunked_loss, cfg.bf16)
@@ -345,6 +374,8 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
         log.close()
         raise TrainingInterrupted(f"interrupted at step {step}: checkpoint saved in {run_dir / 'checkpoint'}; "
                                   "continue with --resume") from None
+    finally:
+        stop.restore()
     bar.close()
     log.close()
 
