@@ -150,7 +150,7 @@ def add_low_rank_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, 
     scaled_B = B * scale
     device = result.device.type
     autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else result.dtype
-    if result.dtype == h.dtype == autocast_dtype and result.dim() >= 2:
+    if result.dtype == h.dtype == autocast_dtype:
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_B.t())
         return out.view(result.shape)
     return result + F.linear(h, scaled_B).to(result.dtype)

@@ -276,9 +276,7 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
     """Saved activations of the decoder stack (arguments as layer_activation_bytes) and the final norm.
 
     With checkpointing: each layer's input plus one layer recomputed during backward. Without it: every
-    layer, and the k and v that transformers' DynamicCache keeps: load_model leaves use_cache=True and the
-    trainer's causal_lm_loss does not turn it off, so the cache lives until the loss is computed (sdpa saves
-    those same tensors; the plain path saves head-expanded copies, so with kv < heads they come on top).
+    layer (the trainer's forward runs with use_cache=False, so no KV cache is held).
     """
     tokens = batch * seq_len
     layer_args = (shape, batch, seq_len, dtype_bytes, attention, targets, rank, adapter_bytes)
@@ -291,10 +289,7 @@ def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: i
     if checkpointing:
         return shape.layers * tokens * shape.hidden * dtype_bytes + layer + outside
     first = layer if targets is None else layer_activation_bytes(*layer_args, first=True)
-    cache = 0.0
-    if attention == "plain" and shape.kv_heads < shape.heads:
-        cache = shape.layers * tokens * 2 * shape.kv_heads * shape.dim_head * dtype_bytes
-    return (shape.layers - 1) * layer + first + cache + outside
+    return (shape.layers - 1) * layer + first + outside
 
 
 def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk: int | None,

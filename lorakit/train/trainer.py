@@ -71,10 +71,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bo
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if chunked and isinstance(head, nn.Linear) and head.bias is None and isinstance(backbone, nn.Module):
-        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # use_cache=False: load_model leaves the KV cache on for generation; a training forward would
+        # otherwise keep every layer's k and v alive until the loss.
+        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         hidden = out[0]
         return chunked_cross_entropy(hidden, head.weight.to(hidden.dtype), batch["labels"])
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                 use_cache=False).loss
 
 
 class StopRequest:
