@@ -21,6 +21,7 @@ from torch import nn
 
 NAME = "lorakit_cpu"
 MAX_SCORES = 1024 * 1024  # per head; 1k x 1k bf16 scores = 2 MB per head per layer saved for backward
+IMPLEMENTATIONS = ("auto", NAME, "sdpa", "eager")  # what load_model / TrainConfig accept
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -79,9 +80,6 @@ def register() -> None:
 
     AttentionInterface.register(NAME, attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-
-
-IMPLEMENTATIONS = ("auto", NAME, "sdpa", "eager")
 
 
 def set_attention(model: nn.Module, implementation: str = "auto") -> None:

@@ -320,3 +320,18 @@ def test_prepare_run_dir_guards_unfinished_and_foreign_folders(tmp_path):
     with pytest.raises(LorakitError, match="is not a lorakit run folder"):
         prepare_run_dir(foreign, overwrite=True, resume=False)
     assert (foreign / "cat.jpg").exists()
+
+
+def test_stop_request_first_ctrl_c_sets_a_flag_second_interrupts():
+    from lorakit.train.trainer import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopRequest()
+    try:
+        signal.raise_signal(signal.SIGINT)  # first: only a flag, the step goes on
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # second: at once
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
