@@ -8,7 +8,10 @@ peft-bf16-autocast-eager is the same peft recipe with transformers' "eager" atte
 of lorakit's lead comes from its attention choice (lorakit/attention.py) rather than the rest.
 One step = forward + backward + AdamW step (lr 2e-4, no weight decay) + zero_grad, LoRA r=16, alpha 32, all
 linear layers, one fixed random token batch. Each row runs in its own subprocess (`--row NAME`) so rows share
-no memory: a warm-up step, then the median of --steps timed steps, then one more step under
+no memory; all are built first (a warm-up step each), then timed in --steps rounds of one step per row, the
+order rotating each round, so a machine that speeds up or slows down over minutes (a shared VM does) moves
+every row alike. tokens/s is from each row's median step; "paired" is the median over rounds of the baseline's
+step time over the row's, from steps seconds apart. Last, each row takes one more step under
 `lorakit.memory.PeakMemoryTracker`. "peak tensor MB" = bytes of every tensor held between steps (weights,
 buffers, adapter, optimizer state) + the tracker's peak of tensors allocated during the step. "peak RSS MB"
 is the subprocess's `ru_maxrss`, which includes loading the model. lorakit rows step as lorakit's trainer
@@ -36,8 +39,8 @@ ROWS = ("lorakit-lora", "lorakit-qlora", "peft-fp32", "peft-bf16-autocast", "pef
         "peft-bnb-qlora")
 BASELINE = "peft-bf16-autocast"
 RANK, ALPHA, LR = 16, 32, 2e-4
-RESULT_TAG = "ROW_RESULT "
-HEADER = (f"{'row':<26} {'tokens/s':>9} {'vs peft bf16':>12} {'step s':>7} {'peak tensor MB':>14} "
+RESULT_TAG, STEP_TAG, READY = "ROW_RESULT ", "ROW_STEP ", "ROW_READY"
+HEADER = (f"{'row':<26} {'tokens/s':>9} {'vs peft bf16':>12} {'paired':>7} {'step s':>7} {'peak tensor MB':>14} "
           f"{'peak RSS MB':>11} {'loss':>7} {'trainable':>10}")
 
 
@@ -155,40 +158,117 @@ def peak_step_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
     return held + tracker.peak_bytes
 
 
-def run_row(name: str, tiny: bool, steps: int, batch_size: int, seq: int) -> dict:
-    """Measure one row in this process: tokens/s (median step), peak tensor bytes, peak RSS."""
+def prepare_row(name: str, tiny: bool, batch_size: int, seq: int) -> dict:
+    """Build one row in this process and take its warm-up step."""
     model, optimizer, loss_fn = build_row(name, tiny)
-    vocab = model.get_input_embeddings().num_embeddings
-    batch = token_batch(vocab, batch_size, seq)
-    first_loss = train_step(model, optimizer, loss_fn, batch)  # warm-up
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        train_step(model, optimizer, loss_fn, batch)
-        seconds.append(time.perf_counter() - start)
+    batch = token_batch(model.get_input_embeddings().num_embeddings, batch_size, seq)
+    first_loss = train_step(model, optimizer, loss_fn, batch)
+    return {"model": model, "optimizer": optimizer, "loss_fn": loss_fn, "batch": batch, "first_loss": first_loss}
+
+
+def timed_step(row: dict) -> float:
+    """Seconds of one training step."""
+    start = time.perf_counter()
+    train_step(row["model"], row["optimizer"], row["loss_fn"], row["batch"])
+    return time.perf_counter() - start
+
+
+def finish_row(name: str, row: dict, seconds: list[float], batch_size: int, seq: int) -> dict:
+    """The row's result: tokens/s of the median step, peak tensor bytes (one more step), peak RSS."""
+    model, optimizer = row["model"], row["optimizer"]
     step_s = statistics.median(seconds)
-    peak_tensor = peak_step_bytes(model, optimizer, loss_fn, batch)
+    peak_tensor = peak_step_bytes(model, optimizer, row["loss_fn"], row["batch"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"row": name, "tokens_per_s": batch_size * seq / step_s, "step_s": step_s, "steps": steps,
-            "peak_tensor_bytes": peak_tensor, "peak_rss_bytes": peak_rss, "first_loss": first_loss,
-            "trainable_params": trainable}
+    return {"row": name, "tokens_per_s": batch_size * seq / step_s, "step_s": step_s, "steps": len(seconds),
+            "seconds": seconds, "peak_tensor_bytes": peak_tensor, "peak_rss_bytes": peak_rss,
+            "first_loss": row["first_loss"], "trainable_params": trainable}
 
 
-def run_in_subprocess(name: str, args: argparse.Namespace) -> dict:
-    """Run one row in a fresh Python process; returns its result dict, or {'row', 'error'}."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
-    proc = subprocess.run(command, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"row": name, "error": f"exit {proc.returncode}: {tail}"}
+def serve_row(name: str, args: argparse.Namespace) -> None:
+    """Child process: build the row, then answer 'step' with a step's seconds and 'finish' with the result."""
+    row = prepare_row(name, args.tiny, args.batch, args.seq)
+    print(READY, flush=True)
+    seconds = []
+    for command in sys.stdin:
+        if command.strip() == "step":
+            seconds.append(timed_step(row))
+            print(f"{STEP_TAG}{seconds[-1]}", flush=True)
+        elif command.strip() == "finish":
+            print(RESULT_TAG + json.dumps(finish_row(name, row, seconds, args.batch, args.seq)), flush=True)
+            return
+
+
+class RowProcess:
+    """One row in its own Python process (rows share no memory), driven a step at a time over pipes."""
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        command = [sys.executable, str(Path(__file__).resolve()), "--row", name, "--batch", str(args.batch),
+                   "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
+        self.name, self.error = name, None
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a pipe could fill up and stall the child
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, bufsize=1)
+
+    def ask(self, command: str, tag: str) -> str | None:
+        """Send a command; the payload of the first reply line starting with tag (None once failed)."""
+        if self.error is not None:
+            return None
+        try:
+            if command:
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            for line in self.proc.stdout:
+                if line.startswith(tag):
+                    return line[len(tag):].strip()
+        except BrokenPipeError:
+            pass
+        self.proc.wait()
+        self.stderr.seek(0)
+        tail = (self.stderr.read().strip().splitlines() or ["no output"])[-1]
+        self.error = f"exit {self.proc.returncode}: {tail}"
+        return None
+
+    def close(self) -> None:
+        """Stop the child if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.stderr.close()
+
+
+def run_interleaved(names: list[str], args: argparse.Namespace) -> list[dict]:
+    """Start every row, then time them in rounds (one step each, rotating the order) so drift hits all alike."""
+    rows = []
+    try:
+        for name in names:
+            start = time.perf_counter()
+            rows.append(RowProcess(name, args))
+            rows[-1].ask("", READY)
+            print(f"{name}: {rows[-1].error or 'built, warm-up step done'} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+        for round_index in range(args.steps):
+            shift = round_index % len(rows)
+            for row in rows[shift:] + rows[:shift]:
+                row.ask("step", STEP_TAG)
+            print(f"round {round_index + 1}/{args.steps} done", flush=True)
+        results = []
+        for row in rows:
+            reply = row.ask("finish", RESULT_TAG)
+            results.append(json.loads(reply) if reply is not None else {"row": row.name, "error": row.error})
+        return results
+    finally:
+        for row in rows:
+            row.close()
+
+
+def paired_ratio(row: dict, base: dict) -> float:
+    """Median over rounds of (baseline step s / row step s): each round's two steps ran minutes apart at most."""
+    return statistics.median(b / r for b, r in zip(base["seconds"], row["seconds"]))
 
 
 def format_table(results: list[dict]) -> str:
-    """The comparison table; the ratio column is tokens/s over the peft bf16-autocast row's."""
+    """The comparison table: tokens/s over the peft bf16-autocast row's, as medians and as paired rounds."""
     base = next((r for r in results if r["row"] == BASELINE and "error" not in r), None)
     lines = [HEADER, "-" * len(HEADER)]
     for r in results:
@@ -196,7 +276,8 @@ def format_table(results: list[dict]) -> str:
             lines.append(f"{r['row']:<26} failed: {r['error']}")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        lines.append(f"{r['row']:<26} {r['tokens_per_s']:9.1f} {ratio:>12} {r['step_s']:7.2f} "
+        paired = f"{paired_ratio(r, base):.2f}x" if base else "-"
+        lines.append(f"{r['row']:<26} {r['tokens_per_s']:9.1f} {ratio:>12} {paired:>7} {r['step_s']:7.2f} "
                      f"{r['peak_tensor_bytes'] / 1e6:14.1f} {r['peak_rss_bytes'] / 1e6:11.1f} "
                      f"{r['first_loss']:7.3f} {r['trainable_params']:10,d}")
     return "\n".join(lines)
@@ -216,7 +297,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="random-init tiny Llama, 1 step (smoke test)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 5; tiny 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds, a step per row each (default 5; tiny 1)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4; tiny 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; tiny 32)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -226,18 +307,13 @@ def main() -> None:
     args.batch = args.batch or (2 if args.tiny else 4)
     args.seq = args.seq or (32 if args.tiny else 256)
     if args.row is not None:
-        print(RESULT_TAG + json.dumps(run_row(args.row, args.tiny, args.steps, args.batch, args.seq)))
+        serve_row(args.row, args)
         return
 
-    results = []
-    for name in parse_rows(args.rows):
-        start = time.perf_counter()
-        results.append(run_in_subprocess(name, args))
-        status = results[-1].get("error") or f"{results[-1]['tokens_per_s']:.1f} tokens/s"
-        print(f"{name}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
+    results = run_interleaved(parse_rows(args.rows), args)
     model = "tiny random-init Llama" if args.tiny else "SmolLM2-135M-Instruct"
     print(f"\nTraining step, {model}, batch {args.batch} x {args.seq}, LoRA r={RANK} all-linear, AdamW; "
-          f"median of {args.steps}; {platform.processor() or platform.machine()}, "
+          f"median of {args.steps} rounds; {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(format_table(results))
     if args.json:

@@ -15,25 +15,31 @@ import functools
 import torch
 
 from lorakit.compile import compile_enabled, disable_compile, raise_recompile_limit
-from lorakit.quant.nf4 import QuantState, _byte_lut
+from lorakit.quant.nf4 import QuantState
 
 MIN_ELEMENTS = 1 << 16  # below this the reference is already fast and compiling isn't worth it
 
 
-def _fused_plain(data: torch.Tensor, lut: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+def _code_values(data: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    # Two gathers from the 16-entry code (high nibble first) vectorize; one gather from a 256-entry
+    # byte table does not, and runs ~5x slower.
+    return torch.stack([code[(data >> 4).long()], code[(data & 15).long()]], dim=1).view(-1, blocksize)
+
+
+def _fused_plain(data: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                  dtype: torch.dtype) -> torch.Tensor:
-    values = lut[data.long()].view(-1, blocksize)  # n is a multiple of blocksize here
+    values = _code_values(data, code, blocksize)  # n is a multiple of blocksize here
     return (values * absmax.view(-1, 1)).view(-1).to(dtype)
 
 
-def _fused_nested(data: torch.Tensor, lut: torch.Tensor, qabsmax: torch.Tensor, code2: torch.Tensor,
+def _fused_nested(data: torch.Tensor, code: torch.Tensor, qabsmax: torch.Tensor, code2: torch.Tensor,
                   absmax2: torch.Tensor, offset: torch.Tensor, blocksize: int, blocksize2: int,
                   dtype: torch.dtype) -> torch.Tensor:
     nblocks = qabsmax.numel()
     pad = -nblocks % blocksize2
     codes = torch.nn.functional.pad(qabsmax.long(), (0, pad))
     absmax = (code2[codes].view(-1, blocksize2) * absmax2.view(-1, 1)).view(-1)[:nblocks] + offset
-    values = lut[data.long()].view(-1, blocksize)
+    values = _code_values(data, code, blocksize)
     return (values * absmax.view(-1, 1)).view(-1).to(dtype)
 
 
@@ -43,11 +49,6 @@ def _compiled(nested: bool, numel: int):
     raise_recompile_limit()
     fn = _fused_nested if nested else _fused_plain
     return torch.compile(fn, dynamic=False, fullgraph=True)
-
-
-@functools.cache
-def _lut_for(code_key: tuple[float, ...]) -> torch.Tensor:
-    return _byte_lut(torch.tensor(code_key, dtype=torch.float32))
 
 
 def usable(packed: torch.Tensor, state: QuantState) -> bool:
@@ -65,14 +66,14 @@ def dequantize_4bit_cpu(packed: torch.Tensor, state: QuantState, dtype: torch.dt
         return dequantize_4bit_cpu(packed, state).to(out_dtype)
     data = packed.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-    lut = _lut_for(tuple(state.code.float().tolist()))
+    code = state.code.float().reshape(-1)
     try:
         if state.nested:
             s2 = state.state2
-            out = _compiled(True, data.numel())(data, lut, state.absmax, s2.code.float(), s2.absmax.float(),
+            out = _compiled(True, data.numel())(data, code, state.absmax, s2.code.float(), s2.absmax.float(),
                                   state.offset.float().reshape(()), state.blocksize, s2.blocksize, out_dtype)
         else:
-            out = _compiled(False, data.numel())(data, lut, state.absmax.float(), state.blocksize, out_dtype)
+            out = _compiled(False, data.numel())(data, code, state.absmax.float(), state.blocksize, out_dtype)
     except Exception:  # no C++ compiler, an unsupported platform...: the reference always works
         disable_compile()
         from lorakit.quant.nf4 import dequantize_4bit_reference
