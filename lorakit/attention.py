@@ -58,6 +58,59 @@ def plain_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return torch.matmul(probs, value)
 
 
+class _GroupedAttention(torch.autograd.Function):
+    """plain_attention's math without repeating k and v: a key-value head's G query heads form one
+    [G*T, D] matrix, so one matmul serves the group and backward sums the group inside the matmul.
+    Masks are filled in place (no masked copy of the scores), and a causal mask is not saved: the
+    softmax gradient is already exactly 0 where the probabilities are."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling):
+        batch, heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = heads // kv_heads
+        q = torch.empty((batch, kv_heads, groups, length, dim), dtype=query.dtype, device=query.device)
+        torch.mul(query.view(batch, kv_heads, groups, length, dim), scaling, out=q)
+        q = q.view(batch, kv_heads, groups * length, dim)
+        scores = torch.matmul(q, key.transpose(2, 3))
+        keep = _keep(mask, length, key.shape[2], query.device)
+        scores.view(batch, kv_heads, groups, length, -1).masked_fill_(~keep, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1)
+        # A padding mask can mask whole rows (uniform probabilities): their gradient must be zeroed.
+        ctx.save_for_backward(q, key, value, probs, mask)
+        ctx.scaling, ctx.groups = scaling, groups
+        return torch.matmul(probs, value).view(batch, heads, length, dim)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, key, value, probs, mask = ctx.saved_tensors
+        batch, heads, length, dim = grad_out.shape
+        kv_heads = key.shape[1]
+        grad_out = grad_out.reshape(batch, kv_heads, ctx.groups * length, dim)
+        grad_value = torch.matmul(probs.transpose(2, 3), grad_out)
+        grad_scores = torch._softmax_backward_data(torch.matmul(grad_out, value.transpose(2, 3)), probs, -1,
+                                                   probs.dtype)
+        if mask is not None:
+            grad_scores.view(batch, kv_heads, ctx.groups, length, -1).masked_fill_(~mask[:, :, None], 0.0)
+        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scaling).view(batch, heads, length, dim)
+        grad_key = torch.matmul(grad_scores.transpose(2, 3), q)
+        return grad_query, grad_key, grad_value, None, None
+
+
+def _keep(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """The positions to keep, broadcastable to [B, kv_heads, groups, q_len, kv_len]."""
+    if mask is None:
+        return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril_()
+    return mask[:, :, None]
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                      scaling: float) -> torch.Tensor:
+    """plain_attention (no dropout) computed per key-value group; mask None (causal) or bool [B, 1, T, S]."""
+    with torch.autocast(query.device.type, enabled=False):
+        return _GroupedAttention.apply(query, key, value, mask, scaling)
+
+
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -69,7 +122,10 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = plain_attention(query, key, value, attention_mask, scale, dropout, module.training)
+    if (dropout == 0.0 or not module.training) and (attention_mask is None or attention_mask.shape[1] == 1):
+        out = grouped_attention(query, key, value, attention_mask, scale)
+    else:
+        out = plain_attention(query, key, value, attention_mask, scale, dropout, module.training)
     return out.transpose(1, 2).contiguous(), None
 
 

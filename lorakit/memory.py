@@ -235,9 +235,9 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_by
       - norms: norm_activation_bytes each; their outputs (s H) when a linear reading them trains;
       - attention "sdpa": q, k, v and the output (saved by the kernel whether o_proj trains or not) and an
         fp32 log-sum-exp per head: s (2 q + 2 kv) + 4 heads per token;
-      - attention "plain" (lorakit/attention.py): q, the head-expanded k and v (s q each; copies when
-        kv < heads), the probabilities (s B heads T^2), the bool causal mask (T^2, one per layer: a padded
-        batch's mask is B T^2) and, when o_proj trains, the output made contiguous for it (s q);
+      - attention "plain" (lorakit/attention.py): the scaled q (s q), k and v (s kv each: a key-value head
+        serves its query heads without copies), the probabilities (s B heads T^2) and, when o_proj trains,
+        the output made contiguous for it (s q); a causal mask is not saved (a padded batch's is, B T^2);
       - MLP: gate, silu(gate), up (s I each) and, when down_proj trains, their product (s I);
       - adapters: lora_path_bytes per target.
     RoPE's products with cos/sin save only cos/sin (shared by every layer, counted once in activation_bytes),
@@ -253,7 +253,7 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_by
                                           + bool(trained & {"gate_proj", "up_proj"}))
     if attention == "plain":
         scores = seq_len * seq_len
-        core = tokens * s * 3 * q + batch * shape.heads * scores * s + scores
+        core = tokens * s * (q + 2 * kv) + batch * shape.heads * scores * s
         core += tokens * s * q if "o_proj" in trained else 0
     else:
         core = tokens * (s * (2 * q + 2 * kv) + 4 * shape.heads)
