@@ -1,4 +1,4 @@
-"""NF4 dequantization throughput: lorakit (reference, Triton) vs bitsandbytes vs a plain copy.
+"""NF4 dequantization throughput: lorakit (reference, Triton, fused CPU) vs bitsandbytes vs a plain copy.
 
     python benchmarks/dequant.py                       # CUDA: 14336x4096 bf16; CPU: smaller sizes
     python benchmarks/dequant.py --device cpu --sizes 4096x4096 --iters 10
@@ -68,6 +68,15 @@ def triton_runner(packed: torch.Tensor, state, device: str):
     return lambda: dequantize_4bit_triton(packed, state)
 
 
+def cpu_fused_runner(packed: torch.Tensor, state, device: str):
+    """A callable running lorakit's compiled CPU loop (what training uses on the CPU), or None."""
+    from lorakit.quant import cpu_dequant
+
+    if device != "cpu" or not cpu_dequant.usable(packed, state):
+        return None
+    return lambda: cpu_dequant.dequantize_4bit_cpu(packed, state)
+
+
 def bench_size(rows: int, cols: int, dtype: torch.dtype, device: str, iters: int, blocksize: int,
                double_quant: bool) -> list[tuple]:
     """Rows of (size, method, ms, GB/s, % of copy, vs bnb) for one weight shape."""
@@ -83,6 +92,7 @@ def bench_size(rows: int, cols: int, dtype: torch.dtype, device: str, iters: int
     methods = {
         "lorakit reference": lambda: dequantize_4bit_reference(packed, state),
         "lorakit triton": triton_runner(packed, state, device),
+        "lorakit fused CPU": cpu_fused_runner(packed, state, device),
         "bitsandbytes": bnb_runner(w, blocksize, double_quant),
     }
     timings = {name: time_ms(fn, device, iters) for name, fn in methods.items() if fn is not None}

@@ -32,7 +32,7 @@ def test_optim_8bit_tiny_update_error_and_loss_curves(tmp_path):
         assert all(math.isfinite(error) for error in errors["worst_tensor_per_step"])
         assert errors["worst_tensor"]["error"] >= errors["worst_after_step1"]
     # On these dense random-token gradients lorakit's error is bitsandbytes' (measured 1.2293e-2 vs 1.2345e-2).
-    # Not so on the real demo run (median 0.19 vs 0.068): there tiny v values round to code 0 in lorakit.
+    # On the real demo run lorakit's is the smaller (median 3.5e-2 vs 5.1e-2): a positive v is never stored as code 0.
     assert ours["worst_after_step1"] <= 1.02 * theirs["worst_after_step1"]
     assert ours["mean_after_step1"] <= 1.02 * theirs["mean_after_step1"]
 
