@@ -123,6 +123,21 @@ def update_error(updates: list[torch.Tensor], reference: list[torch.Tensor],
     return math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else 0.0, worst, worst_name
 
 
+def clipped_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                      batch: BatchFn, data_seed: int, step: int, factor: Callable[[int], float], cfg,
+                      ) -> tuple[float, float]:
+    """Set the step's lr and compute its clipped gradients as the trainer does; (loss, lr)."""
+    lr = cfg.learning_rate * factor(step)  # what the trainer's LambdaLR sets before this step
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = accumulate_gradients(model, [batch(step, data_seed)], cfg.chunked_loss, cfg.bf16)
+    if not math.isfinite(loss):
+        raise SystemExit(f"loss is {loss} at step {step + 1}")
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    return loss, lr
+
+
 def train_run(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
               batch: BatchFn, data_seed: int, steps: int, cfg, shadows: dict[str, Shadow] | None = None,
               ) -> tuple[list[float], list[float], dict[str, list]]:
@@ -132,14 +147,7 @@ def train_run(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], op
     factor = lr_lambda(steps, math.ceil(cfg.warmup_ratio * steps), cfg.lr_scheduler)
     losses, lrs, errors = [], [], {name: [] for name in shadows or {}}
     for step in range(steps):
-        lr = cfg.learning_rate * factor(step)  # what the trainer's LambdaLR sets before this step
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = accumulate_gradients(model, [batch(step, data_seed)], cfg.chunked_loss, cfg.bf16)
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {step + 1}")
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        loss, lr = clipped_gradients(model, optimizer, params, batch, data_seed, step, factor, cfg)
         before = [p.detach().clone() for p in params]
         optimizer.step()
         if shadows:
@@ -298,23 +306,33 @@ def format_tables(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser, plot_default: str, plot_help: str) -> None:
+    """The options this script and optim_8bit_encodings.py share."""
     parser.add_argument("--tiny", action="store_true", help="random-init tiny Llama, 3 steps (smoke test)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 40; tiny 3)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; tiny 4)")
-    parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the smoothed loss curves")
     parser.add_argument("--min-8bit-size", type=int, default=None,
                         help="tensors smaller than this keep fp32 states (default 4096 as both libraries; tiny "
                              "256, so its small adapter tensors take the 8-bit path)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--plot", default="runs/optim_8bit.png", help="PNG of the loss curves and update errors")
-    args = parser.parse_args()
+    parser.add_argument("--plot", default=plot_default, help=plot_help)
+
+
+def finish_run_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the size defaults (real or tiny) and the demo's training config."""
     args.steps = args.steps or (3 if args.tiny else 40)
     args.batch = args.batch or (4 if args.tiny else 8)
     args.min_8bit_size = args.min_8bit_size or (256 if args.tiny else 4096)
     with tempfile.TemporaryDirectory() as tmp:  # demo_config wants a folder; nothing is written there
         args.cfg = demo_config(Path(tmp), args.steps, args.batch)
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, "runs/optim_8bit.png", "PNG of the loss curves and update errors")
+    parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the smoothed loss curves")
+    args = finish_run_arguments(parser.parse_args())
     started = time.perf_counter()
     results = run(args)
     print(format_tables(results))

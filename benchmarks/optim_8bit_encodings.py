@@ -33,21 +33,32 @@ import argparse
 import json
 import math
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from optim_8bit import REFERENCE, RUNS, BatchFn, Shadow, error_summary, fresh_adapter, load, make_8bit, update_error
+from optim_8bit import (
+    REFERENCE,
+    RUNS,
+    BatchFn,
+    Shadow,
+    add_run_arguments,
+    clipped_gradients,
+    error_summary,
+    finish_run_arguments,
+    fresh_adapter,
+    load,
+    make_8bit,
+    update_error,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.optim import make_optimizer
 from lorakit.optim.adamw8bit import BLOCKSIZE, _floor_positive
 from lorakit.quant.blockwise8 import create_dynamic_map, dequantize_blockwise, quantize_blockwise
-from lorakit.train.demo import demo_config
-from lorakit.train.trainer import accumulate_gradients, lr_lambda
+from lorakit.train.trainer import lr_lambda
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # make_optimizer("adamw")'s and AdamW8bit's defaults
 TARGET = 1e-2  # issue 5's bound on the per-step update error
@@ -186,14 +197,7 @@ def reference_run(model: nn.Module, named_params: list[tuple[str, nn.Parameter]]
     recorded = Recorded([name for name, _ in named_params], [p.shape for p in params],
                         [[p.detach().reshape(-1).clone() for p in params]], [], [], [])
     for step in range(steps):
-        lr = cfg.learning_rate * factor(step)  # what the trainer's LambdaLR sets before this step
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = accumulate_gradients(model, [batch(step, data_seed)], cfg.chunked_loss, cfg.bf16)
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss is {loss} at step {step + 1}")
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        loss, lr = clipped_gradients(model, optimizer, params, batch, data_seed, step, factor, cfg)
         if any(p.grad is None for p in params):  # torch AdamW would skip such a tensor; the replays do not
             raise SystemExit(f"an adapter tensor got no gradient at step {step + 1}")
         recorded.grads.append([p.grad.detach().reshape(-1).clone() for p in params])
@@ -287,20 +291,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="random-init tiny Llama, 3 steps (smoke test)")
-    parser.add_argument("--steps", type=int, default=None, help="steps of the run (default 40; tiny 3)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; tiny 4)")
-    parser.add_argument("--min-8bit-size", type=int, default=None,
-                        help="tensors smaller than this keep fp32 states (default 4096 as AdamW8bit; tiny 256, so "
-                             "its small adapter tensors take the 8-bit path)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--plot", default="runs/optim_8bit_encodings.png", help="PNG of the per-step errors")
-    args = parser.parse_args()
-    args.steps = args.steps or (3 if args.tiny else 40)
-    args.batch = args.batch or (4 if args.tiny else 8)
-    args.min_8bit_size = args.min_8bit_size or (256 if args.tiny else 4096)
-    with tempfile.TemporaryDirectory() as tmp:  # demo_config wants a folder; nothing is written there
-        args.cfg = demo_config(Path(tmp), args.steps, args.batch)
+    add_run_arguments(parser, "runs/optim_8bit_encodings.png", "PNG of the per-step errors")
+    args = finish_run_arguments(parser.parse_args())
     started = time.perf_counter()
     model, batch, label = load(args)
     print(f"model: {label}; {args.steps} steps of batch {args.batch}; min_8bit_size {args.min_8bit_size}; "
