@@ -255,16 +255,18 @@ def _triton_available() -> bool:
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize to state.shape, in state.dtype (or `dtype`: as if cast after): Triton on CUDA, a fused
-    compiled loop for large CPU tensors, else the reference. All three give the same bits."""
+    """Dequantize to state.shape, in state.dtype (or `dtype`: as if cast after): Triton on CUDA; for large
+    CPU tensors the AVX-512 kernel or else a compiled loop; otherwise the reference. All give the same bits."""
     if packed.is_cuda and _triton_available():
         from lorakit.quant.triton_dequant import dequantize_4bit_triton
 
         out = dequantize_4bit_triton(packed, state)
         return out if dtype is None else out.to(dtype)
-    from lorakit.quant import cpu_dequant
+    from lorakit.quant import cpu_dequant, cpu_native
 
-    if cpu_dequant.usable(packed, state):
+    if cpu_dequant.usable(packed, state):  # large CPU tensors: a fast kernel pays
+        if cpu_native.usable(packed, state, dtype or state.dtype):
+            return cpu_native.dequantize_4bit_native(packed, state, dtype or state.dtype)
         return cpu_dequant.dequantize_4bit_cpu(packed, state, dtype)
     out = dequantize_4bit_reference(packed, state)
     return out if dtype is None else out.to(dtype)
