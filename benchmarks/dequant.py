@@ -1,4 +1,4 @@
-"""NF4 dequantization throughput: lorakit (reference, Triton, fused CPU) vs bitsandbytes vs a plain copy.
+"""NF4 dequantization throughput: lorakit (reference, Triton, fused CPU, AVX-512) vs bitsandbytes vs a plain copy.
 
     python benchmarks/dequant.py                       # CUDA: 14336x4096 bf16; CPU: smaller sizes
     python benchmarks/dequant.py --device cpu --sizes 4096x4096 --iters 10
@@ -69,12 +69,21 @@ def triton_runner(packed: torch.Tensor, state, device: str):
 
 
 def cpu_fused_runner(packed: torch.Tensor, state, device: str):
-    """A callable running lorakit's compiled CPU loop (what training uses on the CPU), or None."""
+    """A callable running lorakit's compiled CPU loop (the portable fast path), or None."""
     from lorakit.quant import cpu_dequant
 
     if device != "cpu" or not cpu_dequant.usable(packed, state):
         return None
     return lambda: cpu_dequant.dequantize_4bit_cpu(packed, state)
+
+
+def cpu_native_runner(packed: torch.Tensor, state, device: str):
+    """A callable running lorakit's AVX-512 kernel (what training uses on such CPUs), or None."""
+    from lorakit.quant import cpu_native
+
+    if device != "cpu" or not cpu_native.usable(packed, state, state.dtype):
+        return None
+    return lambda: cpu_native.dequantize_4bit_native(packed, state, state.dtype)
 
 
 def bench_size(rows: int, cols: int, dtype: torch.dtype, device: str, iters: int, blocksize: int,
@@ -93,6 +102,7 @@ def bench_size(rows: int, cols: int, dtype: torch.dtype, device: str, iters: int
         "lorakit reference": lambda: dequantize_4bit_reference(packed, state),
         "lorakit triton": triton_runner(packed, state, device),
         "lorakit fused CPU": cpu_fused_runner(packed, state, device),
+        "lorakit AVX-512": cpu_native_runner(packed, state, device),
         "bitsandbytes": bnb_runner(w, blocksize, double_quant),
     }
     timings = {name: time_ms(fn, device, iters) for name, fn in methods.items() if fn is not None}
