@@ -90,7 +90,7 @@ def build_row(name: str, tiny: bool):
     """(model, optimizer, loss_fn(model, batch)) for one row, adapter added and in train mode."""
     if name.startswith("lorakit"):
         import lorakit as lk
-        from lorakit.fused import use_fused_mlp
+        from lorakit.fused import use_fused_kernels
         from lorakit.optim import make_optimizer
         from lorakit.train.trainer import causal_lm_loss
 
@@ -98,7 +98,7 @@ def build_row(name: str, tiny: bool):
         torch.manual_seed(0)
         lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
         model.train()
-        use_fused_mlp(model)  # as lorakit's trainer does
+        use_fused_kernels(model)  # as lorakit's trainer does
         optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=LR)
 
         def loss_fn(m, batch):

@@ -1,4 +1,4 @@
-"""A fused SwiGLU product for training on the CPU: silu(gate) * up as one compiled loop each way.
+"""Fused SwiGLU product and RMSNorm for training on the CPU: one compiled loop each way instead of 2-8 ops.
 
 transformers' Llama-family MLP computes `act_fn(gate_proj(x)) * up_proj(x)` as two ops: they write
 silu(gate) out and read it back, and autograd saves three [tokens, intermediate] tensors (gate for
@@ -8,6 +8,10 @@ op, including its bf16 rounding of silu(gate) and of each gradient product; only
 differ, so results are eager's within one rounding (tests bound it). `use_fused_mlp` switches a
 model's MLPs to it; the trainer does so. Memory estimates (lorakit.memory) count eager's three
 tensors, what runs on a GPU and under PeakMemoryTracker; on the CPU training saves one less per layer.
+
+`rms_norm` is the Llama RMSNorm (fp32 statistics, normalized input rounded to the input dtype, times
+the weight) with a hand-derived backward; it saves the input and one fp32 rstd per row instead of an
+fp32 copy of the input, and `use_fused_rms_norm` switches a model's norms to it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from lorakit.compile import compile_enabled, raise_recompile_limit
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
 GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+# RMSNorm classes whose forward is exactly LlamaRMSNorm's (weight * normalized, eps in variance_epsilon).
+RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -84,3 +90,77 @@ def use_fused_mlp(model: nn.Module) -> int:
             module.forward = types.MethodType(_fused_mlp_forward, module)
             count += 1
     return count
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm.forward, op for op."""
+    x32 = x.to(torch.float32)
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _norm_forward(x, weight, eps):
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    normed = (x32 * rstd).to(x.dtype)
+    out = (weight.float() * normed.float()).to(torch.promote_types(weight.dtype, x.dtype))
+    return out, rstd
+
+
+def _norm_backward(grad, x, weight, rstd, want_weight: bool):
+    x32 = x.float()
+    normed = (x32 * rstd).to(x.dtype)
+    grad_normed = (grad.float() * weight.float()).to(grad.dtype).float()  # eager's mul backward, then the cast's
+    # d/dx of x * rsqrt(mean(x^2) + eps): rstd * g - x * rstd^3 * mean(g * x)
+    grad_x = rstd * grad_normed - x32 * (rstd * rstd * rstd) * (grad_normed * x32).mean(-1, keepdim=True)
+    grad_weight = None
+    if want_weight:
+        grad_weight = (grad.float() * normed.float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return grad_x.to(x.dtype), grad_weight
+
+
+@functools.cache
+def _norm_kernels():
+    raise_recompile_limit()
+    return (torch.compile(_norm_forward, dynamic=True, fullgraph=True),
+            torch.compile(_norm_backward, dynamic=True, fullgraph=True))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        out, rstd = _norm_kernels()[0](x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = _norm_kernels()[1](grad.contiguous(), x, weight, rstd, ctx.needs_input_grad[1])
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm; fused on the CPU when lorakit may compile, else the reference."""
+    if x.device.type == "cpu" and weight.shape == x.shape[-1:] and compile_enabled():
+        return _RMSNorm.apply(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def _fused_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return rms_norm(x, self.weight, self.variance_epsilon)
+
+
+def use_fused_rms_norm(model: nn.Module) -> int:
+    """Route every Llama-family RMSNorm of `model` through rms_norm; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in RMS_NORM_CLASSES and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_fused_norm_forward, module)
+            count += 1
+    return count
+
+
+def use_fused_kernels(model: nn.Module) -> int:
+    """use_fused_mlp and use_fused_rms_norm: what lorakit's trainer runs with; returns modules switched."""
+    return use_fused_mlp(model) + use_fused_rms_norm(model)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
-from lorakit.fused import use_fused_mlp
+from lorakit.fused import use_fused_kernels
 from lorakit.inject import add_adapter, trainable_parameters
 from lorakit.peft_format import save_adapter
 from lorakit.train import data as data_mod
@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    use_fused_mlp(model)
+    use_fused_kernels(model)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
