@@ -328,6 +328,16 @@ def finish_run_arguments(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def report(results: dict, table: str, plot_fn: Callable[[dict, Path], None], args: argparse.Namespace,
+           started: float) -> None:
+    """Print the table, write the plot (and the JSON when asked), say where and how long."""
+    print(table)
+    plot_fn(results, Path(args.plot))
+    print(f"\nplot: {args.plot}; total {time.perf_counter() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, "runs/optim_8bit.png", "PNG of the loss curves and update errors")
@@ -335,11 +345,7 @@ def main() -> None:
     args = finish_run_arguments(parser.parse_args())
     started = time.perf_counter()
     results = run(args)
-    print(format_tables(results))
-    plot(results, Path(args.plot))
-    print(f"\nplot: {args.plot}; total {time.perf_counter() - started:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    report(results, format_tables(results), plot, args, started)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ parameter plus one fp32 absmax per block.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -50,6 +49,7 @@ from optim_8bit import (
     fresh_adapter,
     load,
     make_8bit,
+    report,
     update_error,
 )
 from torch import nn
@@ -308,11 +308,7 @@ def main() -> None:
                "lr": args.cfg.learning_rate, "weight_decay": args.cfg.weight_decay, "target": TARGET,
                "lr_per_step": recorded.lrs, "losses": recorded.losses,
                **replay_all(recorded, args.min_8bit_size, args.cfg)}
-    print(format_table(results))
-    plot(results, Path(args.plot))
-    print(f"\nplot: {args.plot}; total {time.perf_counter() - started:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    report(results, format_table(results), plot, args, started)
 
 
 if __name__ == "__main__":
