@@ -11,7 +11,8 @@ linear layers, one fixed random token batch. Each row runs in its own subprocess
 no memory; all are built first (a warm-up step each), then timed in --steps rounds of one step per row, the
 order rotating each round, so a machine that speeds up or slows down over minutes (a shared VM does) moves
 every row alike. tokens/s is from each row's median step; "paired" is the median over rounds of the baseline's
-step time over the row's, from steps seconds apart. Last, each row takes one more step under
+step time over the row's, from steps seconds apart, and "paired IQR" those per-round ratios' first and
+third quartiles. Last, each row takes one more step under
 `lorakit.memory.PeakMemoryTracker`. "peak tensor MB" = bytes of every tensor held between steps (weights,
 buffers, adapter, optimizer state) + the tracker's peak of tensors allocated during the step. "peak RSS MB"
 is the subprocess's `ru_maxrss`, which includes loading the model. lorakit rows step as lorakit's trainer
@@ -40,7 +41,8 @@ ROWS = ("lorakit-lora", "lorakit-qlora", "peft-fp32", "peft-bf16-autocast", "pef
 BASELINE = "peft-bf16-autocast"
 RANK, ALPHA, LR = 16, 32, 2e-4
 RESULT_TAG, STEP_TAG, READY = "ROW_RESULT ", "ROW_STEP ", "ROW_READY"
-HEADER = (f"{'row':<26} {'tokens/s':>9} {'vs peft bf16':>12} {'paired':>7} {'step s':>7} {'peak tensor MB':>14} "
+HEADER = (f"{'row':<26} {'tokens/s':>9} {'vs peft bf16':>12} {'paired':>7} {'paired IQR':>10} {'step s':>7} "
+          f"{'peak tensor MB':>14} "
           f"{'peak RSS MB':>11} {'loss':>7} {'trainable':>10}")
 
 
@@ -264,9 +266,23 @@ def run_interleaved(names: list[str], args: argparse.Namespace) -> list[dict]:
             row.close()
 
 
+def paired_ratios(row: dict, base: dict) -> list[float]:
+    """Per round, baseline step s / row step s: each round's two steps ran minutes apart at most."""
+    return [b / r for b, r in zip(base["seconds"], row["seconds"])]
+
+
 def paired_ratio(row: dict, base: dict) -> float:
-    """Median over rounds of (baseline step s / row step s): each round's two steps ran minutes apart at most."""
-    return statistics.median(b / r for b, r in zip(base["seconds"], row["seconds"]))
+    """Median over rounds of the paired ratios."""
+    return statistics.median(paired_ratios(row, base))
+
+
+def paired_quartiles(row: dict, base: dict) -> tuple[float, float]:
+    """First and third quartiles of the paired ratios: how far one round's ratio strays on this machine."""
+    ratios = paired_ratios(row, base)
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3
 
 
 def format_table(results: list[dict]) -> str:
@@ -279,7 +295,8 @@ def format_table(results: list[dict]) -> str:
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         paired = f"{paired_ratio(r, base):.2f}x" if base else "-"
-        lines.append(f"{r['row']:<26} {r['tokens_per_s']:9.1f} {ratio:>12} {paired:>7} {r['step_s']:7.2f} "
+        spread = "{:.2f}-{:.2f}".format(*paired_quartiles(r, base)) if base else "-"
+        lines.append(f"{r['row']:<26} {r['tokens_per_s']:9.1f} {ratio:>12} {paired:>7} {spread:>10} {r['step_s']:7.2f} "
                      f"{r['peak_tensor_bytes'] / 1e6:14.1f} {r['peak_rss_bytes'] / 1e6:11.1f} "
                      f"{r['first_loss']:7.3f} {r['trainable_params']:10,d}")
     return "\n".join(lines)

@@ -3,14 +3,15 @@
 PyTorch's CPU flash-attention kernel (what transformers' default "sdpa" runs) has a slow backward:
 on SmolLM2-135M's shapes (batch 4, 256 tokens, 9 query / 3 key-value heads of 64) one layer takes
 ~57 ms forward+backward in bf16 against ~14 ms for three plain kernels. The plain form stores the
-[heads, T, T] probabilities for backward (bf16: 2 bytes per score), so it is used only while
-q_len * kv_len <= MAX_SCORES; longer sequences, decoding steps, other devices and the features
-it does not implement go to transformers' sdpa path unchanged.
+causal [heads, T, T] probabilities for backward (bf16: 2 bytes per score; 10/16 of them with the
+causal blocks of `grouped_attention`), so it is used only while q_len * kv_len <= MAX_SCORES;
+longer sequences, decoding steps, other devices and the features it does not implement go to
+transformers' sdpa path unchanged.
 
-Numerics are those of transformers' "eager" attention (bit-identical when the scale is a power of
-two, i.e. head_dim 4, 16, 64, 256): bf16 scores, a softmax computed in fp32 and stored in the input
-dtype, masked positions at the dtype's minimum (so a fully masked padding row gives a uniform
-row, not NaN).
+Numerics are those of transformers' "eager" attention (bit-identical outputs when the scale is a
+power of two, i.e. head_dim 4, 16, 64, 256; with several causal blocks fp32 may differ in the last
+bits, summed in another order, and bf16 was measured identical at 256 tokens): bf16 scores, a softmax computed in fp32 and stored in the input dtype, masked positions at the dtype's
+minimum (so a fully masked padding row gives a uniform row, not NaN).
 """
 
 from __future__ import annotations
@@ -58,50 +59,108 @@ def plain_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return torch.matmul(probs, value)
 
 
+MAX_QUERY_BLOCKS = 4  # causal row blocks: 4 skip 6/16 of the scores; more blocks make small matmuls
+MIN_BLOCK_ROWS = 64  # query positions per block at least (shorter sequences are one block)
+
+
+def query_blocks(length: int) -> list[tuple[int, int]]:
+    """[start, end) query positions of the causal row blocks for a sequence of `length`."""
+    count = max(1, min(MAX_QUERY_BLOCKS, length // MIN_BLOCK_ROWS))
+    size = -(-length // count)
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def causal_score_count(length: int) -> int:
+    """(query, key) pairs grouped_attention computes and stores per head for a causal sequence."""
+    return sum((end - start) * end for start, end in query_blocks(length))
+
+
+def _key_ends(mask: torch.Tensor | None, blocks: list[tuple[int, int]], kv_len: int) -> list[int]:
+    """Keys each row block needs: up to its own end when it is causal, else all; never fewer than before.
+
+    A block whose rows keep a later key, or hold a fully masked row (left padding: eager spreads such a
+    row uniformly over all keys), takes every key. Non-decreasing ends let backward form a key block's
+    gradients from one run of rows.
+    """
+    ends, reach = [], 0
+    for start, end in blocks:
+        rows = None if mask is None else mask[:, :, start:end]
+        causal = rows is None or not (rows[..., end:].any() or not rows.any(-1).all())
+        reach = max(reach, end if causal else kv_len)
+        ends.append(reach)
+    return ends
+
+
+def _block_keep(mask: torch.Tensor | None, start: int, end: int, key_end: int, device: torch.device) -> torch.Tensor:
+    """Kept (query, key) pairs of a row block, broadcastable to [B, kv_heads, rows, groups, key_end]."""
+    if mask is None:
+        return (torch.arange(key_end, device=device) <= torch.arange(start, end, device=device)[:, None])[:, None]
+    return mask[:, :, start:end, None, :key_end]
+
+
 class _GroupedAttention(torch.autograd.Function):
-    """plain_attention's math without repeating k and v: a key-value head's G query heads form one
-    [G*T, D] matrix, so one matmul serves the group and backward sums the group inside the matmul.
-    Masks are filled in place (no masked copy of the scores), and a causal mask is not saved: the
-    softmax gradient is already exactly 0 where the probabilities are."""
+    """plain_attention's math without repeating k and v, skipping causal blocks.
+
+    A key-value head's G query heads form one [rows*G, D] matrix (position-major), so one matmul serves
+    the group and backward sums the group inside the matmul. Rows go in blocks (query_blocks); a block's
+    scores stop at its last position's key, so with 4 blocks 6/16 of the causal [T, T] scores are
+    never computed nor stored. Each block keeps its own contiguous tensors: strided views of a shared
+    [T, T] buffer cost a copy per matmul on the CPU, more than the skipped work saves. The key and
+    value gradients sum the blocks' bf16 products in fp32 (rounded once per block, as often as eager's
+    per-head sum). Masks are filled in place, and a causal mask is not saved: the softmax gradient is
+    already exactly 0 where the probabilities are.
+    """
 
     @staticmethod
     def forward(ctx, query, key, value, mask, scaling):
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
         groups = heads // kv_heads
-        q = torch.empty((batch, kv_heads, groups, length, dim), dtype=query.dtype, device=query.device)
-        torch.mul(query.view(batch, kv_heads, groups, length, dim), scaling, out=q)
-        q = q.view(batch, kv_heads, groups * length, dim)
-        scores = torch.matmul(q, key.transpose(2, 3))
-        keep = _keep(mask, length, key.shape[2], query.device)
-        scores.view(batch, kv_heads, groups, length, -1).masked_fill_(~keep, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)
-        # A padding mask can mask whole rows (uniform probabilities): their gradient must be zeroed.
-        ctx.save_for_backward(q, key, value, probs, mask)
-        ctx.scaling, ctx.groups = scaling, groups
-        return torch.matmul(probs, value).view(batch, heads, length, dim)
+        key, value = key.contiguous(), value.contiguous()  # [B, T, kv, D] views: a batched matmul would copy
+        blocks = query_blocks(length)
+        ends = _key_ends(mask, blocks, key.shape[2])
+        grouped = query.view(batch, kv_heads, groups, length, dim).transpose(2, 3)
+        out = query.new_empty((batch, length, kv_heads, groups, dim))  # the caller's [B, T, H, D] layout
+        saved = []
+        for (start, end), key_end in zip(blocks, ends):
+            rows = end - start
+            q = query.new_empty((batch, kv_heads, rows, groups, dim))
+            torch.mul(grouped[:, :, start:end], scaling, out=q)
+            q = q.view(batch, kv_heads, rows * groups, dim)
+            scores = torch.matmul(q, key[:, :, :key_end].transpose(2, 3))
+            drop = ~_block_keep(mask, start, end, key_end, query.device)
+            scores.view(batch, kv_heads, rows, groups, key_end).masked_fill_(drop, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1)
+            block_out = torch.matmul(probs, value[:, :, :key_end])
+            out[:, start:end].copy_(block_out.view(batch, kv_heads, rows, groups, dim).transpose(1, 2))
+            saved += [q, probs]
+        ctx.save_for_backward(key, value, mask, *saved)
+        ctx.scaling, ctx.groups, ctx.blocks, ctx.ends = scaling, groups, blocks, ends
+        return out.view(batch, length, heads, dim).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, key, value, probs, mask = ctx.saved_tensors
+        key, value, mask, *saved = ctx.saved_tensors
         batch, heads, length, dim = grad_out.shape
-        kv_heads = key.shape[1]
-        grad_out = grad_out.reshape(batch, kv_heads, ctx.groups * length, dim)
-        grad_value = torch.matmul(probs.transpose(2, 3), grad_out)
-        grad_scores = torch._softmax_backward_data(torch.matmul(grad_out, value.transpose(2, 3)), probs, -1,
-                                                   probs.dtype)
-        if mask is not None:
-            grad_scores.view(batch, kv_heads, ctx.groups, length, -1).masked_fill_(~mask[:, :, None], 0.0)
-        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scaling).view(batch, heads, length, dim)
-        grad_key = torch.matmul(grad_scores.transpose(2, 3), q)
-        return grad_query, grad_key, grad_value, None, None
-
-
-def _keep(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """The positions to keep, broadcastable to [B, kv_heads, groups, q_len, kv_len]."""
-    if mask is None:
-        return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril_()
-    return mask[:, :, None]
+        kv_heads, groups = key.shape[1], ctx.groups
+        grouped = grad_out.view(batch, kv_heads, groups, length, dim).transpose(2, 3)
+        grad_query = grad_out.new_empty((batch, length, kv_heads, groups, dim))
+        grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)
+        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+        for (start, end), key_end, q, probs in zip(ctx.blocks, ctx.ends, saved[::2], saved[1::2]):
+            rows = end - start
+            block_grad = grouped[:, :, start:end].reshape(batch, kv_heads, rows * groups, dim)
+            grad_value[:, :, :key_end] += torch.matmul(probs.transpose(2, 3), block_grad)
+            grad_probs = torch.matmul(block_grad, value[:, :, :key_end].transpose(2, 3))
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            if mask is not None:  # a fully masked (padding) row has uniform probabilities but no gradient
+                grad_scores.view(batch, kv_heads, rows, groups, key_end).masked_fill_(
+                    ~_block_keep(mask, start, end, key_end, key.device), 0.0)
+            grad_q = torch.matmul(grad_scores, key[:, :, :key_end]).mul_(ctx.scaling)
+            grad_query[:, start:end].copy_(grad_q.view(batch, kv_heads, rows, groups, dim).transpose(1, 2))
+            grad_key[:, :, :key_end] += torch.matmul(grad_scores.transpose(2, 3), q)
+        return (grad_query.view(batch, length, heads, dim).transpose(1, 2), grad_key.to(key.dtype),
+                grad_value.to(value.dtype), None, None)
 
 
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -236,8 +236,9 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_by
       - attention "sdpa": q, k, v and the output (saved by the kernel whether o_proj trains or not) and an
         fp32 log-sum-exp per head: s (2 q + 2 kv) + 4 heads per token;
       - attention "plain" (lorakit/attention.py): the scaled q (s q), k and v (s kv each: a key-value head
-        serves its query heads without copies), the probabilities (s B heads T^2) and, when o_proj trains,
-        the output made contiguous for it (s q); a causal mask is not saved (a padded batch's is, B T^2);
+        serves its query heads without copies), the probabilities of the causal blocks it computes
+        (s B heads attention.causal_score_count(T), 10/16 of T^2 in four blocks) and, when o_proj trains,
+        the output (s q); a causal mask is not saved (a padded batch's is, B T^2);
       - MLP: gate, silu(gate), up (s I each) and, when down_proj trains, their product (s I);
       - adapters: lora_path_bytes per target.
     RoPE's products with cos/sin save only cos/sin (shared by every layer, counted once in activation_bytes),
@@ -252,7 +253,7 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_by
     norm_outputs = tokens * s * hidden * (bool(trained & {"q_proj", "k_proj", "v_proj"})
                                           + bool(trained & {"gate_proj", "up_proj"}))
     if attention == "plain":
-        scores = seq_len * seq_len
+        scores = attention_module.causal_score_count(seq_len)
         core = tokens * s * (q + 2 * kv) + batch * shape.heads * scores * s
         core += tokens * s * q if "o_proj" in trained else 0
     else:
