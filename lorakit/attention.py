@@ -10,8 +10,9 @@ transformers' sdpa path unchanged.
 
 Numerics are those of transformers' "eager" attention (bit-identical outputs when the scale is a
 power of two, i.e. head_dim 4, 16, 64, 256; with several causal blocks fp32 may differ in the last
-bits, summed in another order, and bf16 was measured identical at 256 tokens): bf16 scores, a softmax computed in fp32 and stored in the input dtype, masked positions at the dtype's
-minimum (so a fully masked padding row gives a uniform row, not NaN).
+bits, summed in another order, and bf16 was measured identical at 256 tokens): bf16 scores, a
+softmax computed in fp32 and stored in the input dtype, masked positions at the dtype's minimum (so a
+fully masked padding row gives a uniform row, not NaN).
 """
 
 from __future__ import annotations
