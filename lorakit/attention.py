@@ -77,18 +77,18 @@ def causal_score_count(length: int) -> int:
 
 
 def _key_ends(mask: torch.Tensor | None, blocks: list[tuple[int, int]], kv_len: int) -> list[int]:
-    """Keys each row block needs: up to its own end when it is causal, else all; never fewer than before.
+    """Keys each row block needs: up to its own end when it is causal, else all.
 
     A block whose rows keep a later key, or hold a fully masked row (left padding: eager spreads such a
-    row uniformly over all keys), takes every key. Non-decreasing ends let backward form a key block's
-    gradients from one run of rows.
+    row uniformly over all keys), takes every key.
     """
-    ends, reach = [], 0
+    if mask is None:
+        return [end for _, end in blocks]
+    ends = []
     for start, end in blocks:
-        rows = None if mask is None else mask[:, :, start:end]
-        causal = rows is None or not (rows[..., end:].any() or not rows.any(-1).all())
-        reach = max(reach, end if causal else kv_len)
-        ends.append(reach)
+        rows = mask[:, :, start:end]
+        causal = not (rows[..., end:].any() or not rows.any(-1).all())
+        ends.append(end if causal else kv_len)
     return ends
 
 
