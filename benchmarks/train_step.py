@@ -322,6 +322,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row here
     args = parser.parse_args()
+    for option in ("steps", "batch", "seq"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be a positive integer, got {getattr(args, option)}")
     args.steps = args.steps or (1 if args.tiny else 5)
     args.batch = args.batch or (2 if args.tiny else 4)
     args.seq = args.seq or (32 if args.tiny else 256)

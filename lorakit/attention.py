@@ -166,7 +166,7 @@ class _GroupedAttention(torch.autograd.Function):
 
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                       scaling: float) -> torch.Tensor:
-    """plain_attention (no dropout) computed per key-value group; mask None (causal) or bool [B, 1, T, S]."""
+    """plain_attention (no dropout) per key-value group in causal row blocks; mask None or bool [B, 1, T, S]."""
     with torch.autocast(query.device.type, enabled=False):
         return _GroupedAttention.apply(query, key, value, mask, scaling)
 
