@@ -6,6 +6,9 @@
 
 peft-bf16-autocast-eager is the same peft recipe with transformers' "eager" attention, to show how much
 of lorakit's lead comes from its attention choice (lorakit/attention.py) rather than the rest.
+peft-bf16-autocast-retain is the same peft recipe with the malloc setting lorakit's trainer makes
+(`lorakit.allocator.retain_freed_memory`: freed memory is kept for reuse instead of page-faulting back in
+each step), to show how much of the lead is that setting alone.
 One step = forward + backward + AdamW step (lr 2e-4, no weight decay) + zero_grad, LoRA r=16, alpha 32, all
 linear layers, one fixed random token batch. Each row runs in its own subprocess (`--row NAME`) so rows share
 no memory; all are built first (a warm-up step each), then timed in --steps rounds of one step per row, the
@@ -14,9 +17,10 @@ every row alike. tokens/s is from each row's median step; "paired" is the median
 step time over the row's, from steps seconds apart, and "paired IQR" those per-round ratios' first and
 third quartiles. Last, each row takes one more step under
 `lorakit.memory.PeakMemoryTracker`. "peak tensor MB" = bytes of every tensor held between steps (weights,
-buffers, adapter, optimizer state) + the tracker's peak of tensors allocated during the step. "peak RSS MB"
+buffers, adapter, optimizer state) + the tracker's peak of tensors allocated during the step. "faults/step"
+is the median count of minor page faults in a timed step (`ru_minflt`). "peak RSS MB"
 is the subprocess's `ru_maxrss`, which includes loading the model. lorakit rows step as lorakit's trainer
-does (`causal_lm_loss(chunked=True)` under bf16 autocast); peft rows use `model(input_ids, labels=...).loss`.
+does (`causal_lm_loss(chunked=True)` under bf16 autocast, `retain_freed_memory()`); peft rows use `model(input_ids, labels=...).loss`.
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ import torch
 from torch import nn
 
 ROWS = ("lorakit-lora", "lorakit-qlora", "peft-fp32", "peft-bf16-autocast", "peft-bf16-autocast-eager",
-        "peft-bnb-qlora")
+        "peft-bf16-autocast-retain", "peft-bnb-qlora")
 BASELINE = "peft-bf16-autocast"
 RANK, ALPHA, LR = 16, 32, 2e-4
 RESULT_TAG, STEP_TAG, READY = "ROW_RESULT ", "ROW_STEP ", "ROW_READY"
 HEADER = (f"{'row':<26} {'tokens/s':>9} {'vs peft bf16':>12} {'paired':>7} {'paired IQR':>10} {'step s':>7} "
-          f"{'peak tensor MB':>14} "
+          f"{'faults/step':>11} {'peak tensor MB':>14} "
           f"{'peak RSS MB':>11} {'loss':>7} {'trainable':>10}")
 
 
@@ -92,6 +96,7 @@ def build_row(name: str, tiny: bool):
     """(model, optimizer, loss_fn(model, batch)) for one row, adapter added and in train mode."""
     if name.startswith("lorakit"):
         import lorakit as lk
+        from lorakit.allocator import retain_freed_memory
         from lorakit.fused import use_fused_kernels
         from lorakit.optim import make_optimizer
         from lorakit.train.trainer import causal_lm_loss
@@ -100,7 +105,8 @@ def build_row(name: str, tiny: bool):
         torch.manual_seed(0)
         lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
         model.train()
-        use_fused_kernels(model)  # as lorakit's trainer does
+        use_fused_kernels(model)  # as lorakit's trainer does, and:
+        retain_freed_memory()
         optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=LR)
 
         def loss_fn(m, batch):
@@ -120,6 +126,10 @@ def build_row(name: str, tiny: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
     autocast = name.startswith("peft-bf16-autocast")
+    if name == "peft-bf16-autocast-retain":
+        from lorakit.allocator import retain_freed_memory
+
+        retain_freed_memory()
 
     def loss_fn(m, batch):
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
@@ -171,10 +181,13 @@ def prepare_row(name: str, tiny: bool, batch_size: int, seq: int) -> dict:
 
 
 def timed_step(row: dict) -> float:
-    """Seconds of one training step."""
+    """Seconds of one training step; its minor page faults are appended to row["faults"]."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     train_step(row["model"], row["optimizer"], row["loss_fn"], row["batch"])
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    row.setdefault("faults", []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+    return seconds
 
 
 def finish_row(name: str, row: dict, seconds: list[float], batch_size: int, seq: int) -> dict:
@@ -185,7 +198,8 @@ def finish_row(name: str, row: dict, seconds: list[float], batch_size: int, seq:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return {"row": name, "tokens_per_s": batch_size * seq / step_s, "step_s": step_s, "steps": len(seconds),
-            "seconds": seconds, "peak_tensor_bytes": peak_tensor, "peak_rss_bytes": peak_rss,
+            "seconds": seconds, "faults_per_step": statistics.median(row.get("faults", [0])),
+            "peak_tensor_bytes": peak_tensor, "peak_rss_bytes": peak_rss,
             "first_loss": row["first_loss"], "trainable_params": trainable}
 
 
@@ -297,6 +311,7 @@ def format_table(results: list[dict]) -> str:
         paired = f"{paired_ratio(r, base):.2f}x" if base else "-"
         spread = "{:.2f}-{:.2f}".format(*paired_quartiles(r, base)) if base else "-"
         lines.append(f"{r['row']:<26} {r['tokens_per_s']:9.1f} {ratio:>12} {paired:>7} {spread:>10} {r['step_s']:7.2f} "
+                     f"{r['faults_per_step']:11,.0f} "
                      f"{r['peak_tensor_bytes'] / 1e6:14.1f} {r['peak_rss_bytes'] / 1e6:11.1f} "
                      f"{r['first_loss']:7.3f} {r['trainable_params']:10,d}")
     return "\n".join(lines)

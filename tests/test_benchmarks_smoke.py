@@ -33,7 +33,8 @@ def test_train_step_tiny_prints_its_table(tmp_path):
     for row in rows.values():
         q1, q3 = (float(x) for x in row[4].split("-"))
         assert q1 <= float(row[3].rstrip("x")) <= q3
-    assert all(float(row[1]) > 0 and float(row[6]) > 0 for row in rows.values())  # tokens/s, peak tensor MB
+    assert all(float(row[1]) > 0 and float(row[7]) > 0 for row in rows.values())  # tokens/s, peak tensor MB
+    assert all(int(row[6].replace(",", "")) >= 0 for row in rows.values())  # page faults per step
     # Same weights, same batch, same adapter size: both sides train the same thing.
     assert rows["lorakit-qlora"][-1] == rows["peft-bnb-qlora"][-1] == "32,768"
     assert float(rows["lorakit-qlora"][-2]) == pytest.approx(float(rows["peft-bnb-qlora"][-2]), abs=0.02)

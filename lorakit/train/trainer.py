@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
+from lorakit.allocator import retain_freed_memory
 from lorakit.fused import use_fused_kernels
 from lorakit.inject import add_adapter, trainable_parameters
 from lorakit.peft_format import save_adapter
@@ -285,6 +286,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     use_fused_kernels(model)
+    retain_freed_memory()  # every step re-allocates the last one's activations: no page faults for them
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
