@@ -20,7 +20,8 @@ third quartiles. Last, each row takes one more step under
 buffers, adapter, optimizer state) + the tracker's peak of tensors allocated during the step. "faults/step"
 is the median count of minor page faults in a timed step (`ru_minflt`). "peak RSS MB"
 is the subprocess's `ru_maxrss`, which includes loading the model. lorakit rows step as lorakit's trainer
-does (`causal_lm_loss(chunked=True)` under bf16 autocast, `retain_freed_memory()`); peft rows use `model(input_ids, labels=...).loss`.
+does (`causal_lm_loss(chunked=True)` under bf16 autocast, `retain_freed_memory()`); peft rows use
+`model(input_ids, labels=...).loss`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora_node import lora_linear
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -234,8 +235,15 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Base output plus each live adapter's low-rank update."""
+        live = self._live_adapters()
+        if len(live) == 1 and not self.fan_in_fan_out and not args and not kwargs:
+            name = live[0]
+            fused = lora_linear(x, self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight,
+                                self.lora_dropout[name], self.scaling[name])
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
-        for name in self._live_adapters():
+        for name in live:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             result = add_low_rank_update(result, self.lora_dropout[name](x), A, B, self.scaling[name])
         return result

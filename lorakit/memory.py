@@ -214,11 +214,15 @@ def norm_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, weig
 
 def lora_path_bytes(fan_in: int, fan_out: int, rank: int, tokens: int, dtype_bytes: int,
                     copies_A: bool = True) -> float:
-    """Bytes one adapter (lora.add_low_rank_update) saves besides its input x, which the first matmul saves
-    for A's gradient: h = x A^T (r per token, saved by the second matmul for B's gradient), scale * B in the
-    compute dtype (a new tensor, saved for h's gradient) and, when `copies_A`, the compute-dtype copy of A
-    (saved for x's gradient: made when the adapter's dtype differs from the activations', not saved when x
-    needs no gradient)."""
+    """Bytes one adapter saves besides its input x (saved for A's gradient, counted with the layer's input).
+
+    Half-precision activations run lorakit.lora_node (one autograd node per adapter, no dropout): it saves
+    h = x A^T (r per token) and the adapter's own A and B, so nothing more. Otherwise
+    (lora.add_low_rank_update) autograd also saves scale * B in the compute dtype (a new tensor, for h's
+    gradient) and, when `copies_A`, the compute-dtype copy of A (for x's gradient: made when the adapter's
+    dtype differs from the activations', not saved when x needs no gradient)."""
+    if dtype_bytes == 2:
+        return dtype_bytes * tokens * rank
     return dtype_bytes * (tokens * rank + fan_out * rank + (fan_in * rank if copies_A else 0))
 
 
@@ -230,8 +234,8 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_by
     targets=None is a full fine-tune (every weight trains); otherwise the LoRA targets with their rank and
     adapter dtype bytes. A linear's input is saved only when the linear trains (a frozen weight needs no
     x for its gradient); `first` is the block after frozen embeddings (adapter methods), whose input needs
-    no gradient: its first norm and the q, k, v adapters' A copies save nothing (exact when q, k and v all
-    train, as with all-linear; with fewer of them the first block saves a little less than counted).
+    no gradient: its first norm saves nothing, nor do (in fp32) the q, k, v adapters' A copies (exact when q, k
+    and v all train, as with all-linear; with fewer of them the first block saves a little less than counted).
       - norms: norm_activation_bytes each; their outputs (s H) when a linear reading them trains;
       - attention "sdpa": q, k, v and the output (saved by the kernel whether o_proj trains or not) and an
         fp32 log-sum-exp per head: s (2 q + 2 kv) + 4 heads per token;

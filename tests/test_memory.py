@@ -202,9 +202,11 @@ def test_norm_and_lora_path_terms_hand_computed():
     h = 576
     assert norm_activation_bytes(SMOLLM2, 512, 2, weight_trained=False) == 512 * (4 * h + 4)  # fp32 input, rsqrt
     assert norm_activation_bytes(SMOLLM2, 512, 2, weight_trained=True) == 512 * (4 * h + 4 + 2 * h)
-    # q_proj 576 -> 576, r=16, 512 tokens, bf16: h (r per token), B * scale, A's copy
-    assert lora_path_bytes(576, 576, 16, 512, 2) == 2 * (512 * 16 + 576 * 16 + 576 * 16) == 53_248
-    assert lora_path_bytes(576, 576, 16, 512, 2, copies_A=False) == 2 * (512 * 16 + 576 * 16)
+    # q_proj 576 -> 576, r=16, 512 tokens, bf16: lora_node saves h (r per token) and nothing else
+    assert lora_path_bytes(576, 576, 16, 512, 2) == lora_path_bytes(576, 576, 16, 512, 2, copies_A=False) == 16_384
+    # fp32: autograd over add_low_rank_update also saves B * scale and, when made, A's copy
+    assert lora_path_bytes(576, 576, 16, 512, 4) == 4 * (512 * 16 + 576 * 16 + 576 * 16) == 106_496
+    assert lora_path_bytes(576, 576, 16, 512, 4, copies_A=False) == 4 * (512 * 16 + 576 * 16)
 
 
 def test_layer_terms_hand_computed_for_smollm2():
@@ -212,17 +214,16 @@ def test_layer_terms_hand_computed_for_smollm2():
     n, h, q, kv, inter, heads = b * t, 576, 576, 192, 1536, 9
     norms = 2 * n * (4 * h + 4) + 2 * n * s * h  # two frozen norms and their outputs (read by trained linears)
     mlp = 4 * n * s * inter  # gate, silu(gate), up, their product (down_proj trains)
-    lora = sum(s * (n * r + fan_out * r + fan_in * r) for fan_in, fan_out in
-               ((h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)))
+    lora = 7 * s * n * r  # h = x A^T of each of the seven adapters (lora_node)
     # scaled q, k, v; output; probabilities of the four causal blocks of 64 queries (keys up to each end)
     plain = n * s * (q + 2 * kv) + n * s * q + b * heads * 64 * (64 + 128 + 192 + 256) * s
     sdpa = n * (s * (2 * q + 2 * kv) + 4 * heads)  # q, k, v, output; fp32 log-sum-exp per head
     args = (SMOLLM2, b, t, s)
-    assert layer_activation_bytes(*args, "plain", ALL_LINEAR, r, 4) == norms + plain + mlp + lora == 13_322_240
-    assert layer_activation_bytes(*args, "sdpa", ALL_LINEAR, r, 4) == norms + sdpa + mlp + lora == 11_866_112
-    # the block after the frozen embeddings: no first norm, no copies of q, k, v's A
+    assert layer_activation_bytes(*args, "plain", ALL_LINEAR, r, 4) == norms + plain + mlp + lora == 12_996_608
+    assert layer_activation_bytes(*args, "sdpa", ALL_LINEAR, r, 4) == norms + sdpa + mlp + lora == 11_540_480
+    # the block after the frozen embeddings: no first norm
     first = layer_activation_bytes(*args, "plain", ALL_LINEAR, r, 4, first=True)
-    assert first == norms + plain + mlp + lora - n * (4 * h + 4) - s * r * 3 * h
+    assert first == norms + plain + mlp + lora - n * (4 * h + 4)
     # full fine-tune: norms also save the normalized input; every linear's input is saved
     full = layer_activation_bytes(*args, "sdpa")
     assert full == 2 * n * (4 * h + 4 + 2 * s * h) + sdpa + mlp

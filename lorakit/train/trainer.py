@@ -22,8 +22,8 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
 from lorakit.allocator import retain_freed_memory
+from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
 from lorakit.fused import use_fused_kernels
 from lorakit.inject import add_adapter, trainable_parameters
 from lorakit.peft_format import save_adapter
