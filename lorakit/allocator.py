@@ -3,8 +3,8 @@
 Every step frees and re-allocates the same activation-sized blocks. With glibc's defaults a block above
 the mmap threshold (128 KiB, raised on the fly up to 32 MiB) goes back to the kernel when freed, and the
 top of the heap is trimmed, so the next step touches fresh pages again: one fault per 4 KiB page. On the
-2-core VM this was measured at ~4 us a fault, 60k faults (~0.25 s) per SmolLM2 QLoRA step of lorakit and
-270k (~1.1 s) per step of peft's bf16 recipe. Keeping freed memory is what PyTorch's CUDA caching
+2-core VM a fault cost 1.8-4.2 us (measured twice within an hour); a SmolLM2 QLoRA step of lorakit took 60k
+of them (0.1-0.25 s) and one of peft's bf16 recipe 270k (0.5-1.1 s). Keeping freed memory is what PyTorch's CUDA caching
 allocator does on the GPU and what preloading jemalloc or tcmalloc does on the CPU; the cost is that the
 process keeps its peak footprint until it exits.
 """
