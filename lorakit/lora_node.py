@@ -61,6 +61,8 @@ class _LoraLinear(torch.autograd.Function):
 
 def _base_operands(base: nn.Module, dtype: torch.dtype):
     """(frozen weight or packed codes, bias, quant state) of a base layer the node can run, else None."""
+    if base._forward_hooks or base._forward_pre_hooks:  # the node bypasses base.forward, so its hooks too
+        return None
     if type(base) is Linear4bit:
         if base.compute_dtype != dtype:
             return None

@@ -122,6 +122,11 @@ def test_node_runs_only_where_it_applies():
     assert node_ran(layer, x)
     layer = make_layer("linear")
     assert node_ran(layer, x)
+    seen = []
+    hook = layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert not node_ran(layer, x) and seen == [(2, 8, 160)]  # a hooked base runs its own forward
+    hook.remove()
+    assert node_ran(layer, x)
     layer.base_layer.weight.requires_grad_(True)  # a training base weight needs its own gradient
     assert not node_ran(layer, x)
 
