@@ -92,11 +92,13 @@ def _key_ends(mask: torch.Tensor | None, blocks: list[tuple[int, int]], kv_len: 
     return ends
 
 
-def _block_keep(mask: torch.Tensor | None, start: int, end: int, key_end: int, device: torch.device) -> torch.Tensor:
-    """Kept (query, key) pairs of a row block, broadcastable to [B, kv_heads, rows, groups, key_end]."""
+def _block_keep(mask: torch.Tensor | None, start: int, end: int, key_start: int, key_end: int,
+                device: torch.device) -> torch.Tensor:
+    """Kept (query, key) pairs of a row block's keys [key_start, key_end), broadcastable to [B, kv, rows, G, keys]."""
     if mask is None:
-        return (torch.arange(key_end, device=device) <= torch.arange(start, end, device=device)[:, None])[:, None]
-    return mask[:, :, start:end, None, :key_end]
+        keys = torch.arange(key_start, key_end, device=device)
+        return (keys <= torch.arange(start, end, device=device)[:, None])[:, None]
+    return mask[:, :, start:end, None, key_start:key_end]
 
 
 class _GroupedAttention(torch.autograd.Function):
@@ -129,8 +131,11 @@ class _GroupedAttention(torch.autograd.Function):
             torch.mul(grouped[:, :, start:end], scaling, out=q)
             q = q.view(batch, kv_heads, rows * groups, dim)
             scores = torch.matmul(q, key[:, :, :key_end].transpose(2, 3))
-            drop = ~_block_keep(mask, start, end, key_end, query.device)
-            scores.view(batch, kv_heads, rows, groups, key_end).masked_fill_(drop, torch.finfo(scores.dtype).min)
+            # Causal: every key before the block's first query is kept, so only its diagonal square is masked.
+            key_start = start if mask is None else 0
+            drop = ~_block_keep(mask, start, end, key_start, key_end, query.device)
+            scores.view(batch, kv_heads, rows, groups, key_end)[..., key_start:].masked_fill_(
+                drop, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)
             block_out = torch.matmul(probs, value[:, :, :key_end])
             out[:, start:end].copy_(block_out.view(batch, kv_heads, rows, groups, dim).transpose(1, 2))
@@ -156,7 +161,7 @@ class _GroupedAttention(torch.autograd.Function):
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
             if mask is not None:  # a fully masked (padding) row has uniform probabilities but no gradient
                 grad_scores.view(batch, kv_heads, rows, groups, key_end).masked_fill_(
-                    ~_block_keep(mask, start, end, key_end, key.device), 0.0)
+                    ~_block_keep(mask, start, end, 0, key_end, key.device), 0.0)
             grad_q = torch.matmul(grad_scores, key[:, :, :key_end]).mul_(ctx.scaling)
             grad_query[:, start:end].copy_(grad_q.view(batch, kv_heads, rows, groups, dim).transpose(1, 2))
             grad_key[:, :, :key_end] += torch.matmul(grad_scores.transpose(2, 3), q)
