@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.quant.blockwise8 import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from lorakit.quant.blockwise8 import (
+    create_dynamic_map,
+    dequantize_blockwise,
+    nearest_code_bounds,
+    nearest_code_table,
+    nearest_codes,
+    quantize_blockwise,
+)
+from lorakit.quant.nf4 import NF4_CODE
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -145,3 +153,34 @@ def test_bad_inputs_raise():
         dequantize_blockwise(torch.zeros(100, dtype=torch.uint8), torch.ones(1), code, 64, (100,))
     with pytest.raises(LorakitError, match="shape"):
         dequantize_blockwise(torch.zeros(100, dtype=torch.uint8), torch.ones(2), code, 64, (10, 11))
+
+
+def _edge_values(bounds: torch.Tensor) -> torch.Tensor:
+    """Each 16-bit prefix range's two ends, every bound and its fp32 neighbours, random values; all in [-1, 1]."""
+    keys = torch.arange(1 << 16, dtype=torch.int32) << 16
+    ends = torch.cat([keys, keys | 0xFFFF]).view(torch.float32)
+    near = torch.cat([bounds, torch.nextafter(bounds, torch.full_like(bounds, 2.0)),
+                      torch.nextafter(bounds, torch.full_like(bounds, -2.0))])
+    x = torch.cat([ends, near, torch.rand(100_000) * 2 - 1, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    return x[torch.isfinite(x) & (x.abs() <= 1)]
+
+
+@pytest.mark.parametrize("name", ["dynamic signed", "dynamic unsigned", "linear 255", "nf4"])
+def test_nearest_codes_table_equals_bucketize(name):
+    code = {"dynamic signed": create_dynamic_map(signed=True), "dynamic unsigned": create_dynamic_map(signed=False),
+            "linear 255": torch.linspace(-1, 1, 255), "nf4": NF4_CODE}[name]
+    bounds = nearest_code_bounds(code)
+    assert nearest_code_table(bounds) is not None  # these codes take the table path
+    x = _edge_values(bounds)
+    assert x.numel() > 100_000
+    expected = torch.bucketize(x, bounds).to(torch.uint8)
+    assert torch.equal(nearest_codes(x, code), expected)
+
+
+def test_dense_code_falls_back_to_bucketize():
+    # 256 codes within 1% of each other: several bounds share one 16-bit prefix range, so no table.
+    code = torch.linspace(0.5, 0.505, 256)
+    bounds = nearest_code_bounds(code)
+    assert nearest_code_table(bounds) is None
+    x = _edge_values(bounds)
+    assert torch.equal(nearest_codes(x, code), torch.bucketize(x, bounds).to(torch.uint8))

@@ -2,13 +2,18 @@
 
 Used for the double quantization of NF4 absmax values and for 8-bit optimizer states.
 Quantization picks the exact nearest code: a scaled value exactly halfway between two codes
-goes to the lower one. bitsandbytes' CUDA kernel is exact nearest too; its 0.50 CPU kernel uses
-an approximate 65536-bin lookup table, so its codes can differ from ours by a step or two.
+goes to the lower one. `bucketize` over the decision bounds is the reference; the fast path looks
+the code up by the top 16 bits of the fp32 value (`nearest_code_table`) and settles the one bound
+that can fall in that range with a compare, with the same result for every fp32 value.
+bitsandbytes' CUDA kernel is exact nearest too; its 0.50 CPU kernel uses an approximate
+65536-bin lookup table, so its codes can differ from ours by a step or two.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -68,6 +73,51 @@ def nearest_code_bounds(code: torch.Tensor) -> torch.Tensor:
     return torch.where(rounded_up, torch.nextafter(bounds, torch.full_like(bounds, -math.inf)), bounds)
 
 
+def nearest_code_table(bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per top-16-bit prefix of an fp32 value: (count of bounds below that range, the next bound), or None.
+
+    All fp32 values sharing their top 16 bits (sign, exponent, 7 mantissa bits) lie in one closed range
+    [lo, hi]. When at most one bound falls in any finite range, the nearest code of x in a range is
+    first + (x > next_bound), exactly `bucketize(x, bounds)`. A code denser than that (two bounds within
+    2**-8 relative of each other; not the dynamic, linear or 4-bit maps) gets None: bucketize it.
+    """
+    keys = torch.arange(1 << 16, dtype=torch.int32)
+    high = keys << 16  # the range's first bit pattern; prefixes >= 0x8000 are negative floats
+    negative = keys >= 1 << 15
+    lo = torch.where(negative, high | 0xFFFF, high).view(torch.float32)
+    hi = torch.where(negative, high, high | 0xFFFF).view(torch.float32)
+    bounds = bounds.detach().cpu()
+    first = torch.bucketize(lo, bounds)  # bounds < lo
+    last = torch.bucketize(hi, bounds, right=True)  # bounds <= hi
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    if bool(((last - first) > 1)[finite].any()) or bounds.numel() > 255:
+        return None
+    # Past the last bound the next one is +inf: no x is above it. NaN ranges keep bucketize's answer for NaN.
+    next_bound = torch.cat([bounds, torch.full((1,), math.inf)])[first]
+    return first.to(torch.uint8), next_bound
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_table(code_bytes: bytes, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    table = nearest_code_table(nearest_code_bounds(code))
+    return None if table is None else (table[0].to(device), table[1].to(device))
+
+
+def nearest_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the nearest code for each fp32 value (ties to the lower code); `bucketize` is the reference."""
+    table = _cached_table(code.detach().cpu().contiguous().numpy().tobytes(), scaled.device)
+    if table is None:
+        return torch.bucketize(scaled, nearest_code_bounds(code.to(scaled.device)), out_int32=True).to(torch.uint8)
+    first, next_bound = table
+    if sys.byteorder == "little":  # the high half of each fp32 is its second uint16: a view, ~9x the shift
+        prefix = scaled.contiguous().view(torch.uint16)[1::2].int()
+    else:
+        prefix = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)
+    # index_select: on the CPU several times faster than [] indexing for these gathers (a uint8 table: ~35x).
+    return first.index_select(0, prefix).add_(scaled > next_bound.index_select(0, prefix))
+
+
 def _check_blockwise_args(x: torch.Tensor, code: torch.Tensor, blocksize: int, where: str) -> None:
     """Reject inputs quantize_blockwise/dequantize_blockwise cannot handle, naming the argument."""
     if not isinstance(blocksize, int) or blocksize <= 0:
@@ -96,7 +146,6 @@ def quantize_blockwise(
         )
     flat = x.detach().reshape(-1)
     n = flat.numel()
-    bounds = nearest_code_bounds(code.to(flat.device))
     codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
     chunk = max(blocksize, _CHUNK_ELEMS // blocksize * blocksize)
@@ -105,13 +154,12 @@ def quantize_blockwise(
         first_block = start // blocksize
         values = flat[start:stop].float()
         pad = -(stop - start) % blocksize
-        blocks = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize)
+        blocks = (torch.nn.functional.pad(values, (0, pad)) if pad else values).view(-1, blocksize)
         block_absmax = blocks.abs().amax(dim=1)
         absmax[first_block:first_block + blocks.shape[0]] = block_absmax
         # clamp(min=1e-38) keeps an all-zero block at 0 * 1e38 = 0 instead of 0 * inf = NaN.
         scaled = (blocks * (1.0 / block_absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1)
-        nearest = torch.bucketize(scaled.view(-1)[: stop - start], bounds, out_int32=True)
-        codes[start:stop] = nearest.to(torch.uint8)
+        codes[start:stop] = nearest_codes(scaled.view(-1)[: stop - start], code)
     return codes, absmax
 
 
@@ -135,6 +183,6 @@ def dequantize_blockwise(
         raise LorakitError(f"dequantize_blockwise: {n} codes in blocks of {blocksize} need "
                            f"{-(-n // blocksize)} absmax values, got {absmax.numel()}")
     pad = -n % blocksize
-    values = code.to(q.device)[torch.nn.functional.pad(q.reshape(-1).long(), (0, pad))]
+    values = code.to(q.device).index_select(0, torch.nn.functional.pad(q.reshape(-1).int(), (0, pad)))
     out = values.view(-1, blocksize) * absmax.float().view(-1, 1)
     return out.view(-1)[:n].to(dtype).reshape(tuple(shape))
