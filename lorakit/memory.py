@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from lorakit import attention as attention_module
 from lorakit.errors import LorakitError
+from lorakit.optim.adamw8bit import bucket_sizes
 
 GB = 1e9
 METHODS = ("full", "lora", "qlora")
@@ -192,6 +193,19 @@ def optimizer_state_bytes(numel: int, optimizer: str, state_bytes: int = 4,
     if optimizer == "adamw" or numel < min_8bit_size:
         return 2 * state_bytes * numel if optimizer == "adamw" else 8 * numel
     return 2 * numel + 2 * 4 * math.ceil(numel / 256)
+
+
+def paged_device_state_bytes(numels: list[int], min_8bit_size: int = 4096) -> float:
+    """The most state bytes PagedAdamW8bit holds on the device at once: its largest bucket's.
+
+    8-bit and fp32-state tensors are bucketed apart (the optimizer groups them by state kind).
+    """
+    largest = 0.0
+    for quantized in (True, False):
+        sizes = [n for n in numels if (n >= min_8bit_size) == quantized]
+        for bucket in bucket_sizes(sizes, quantized):
+            largest = max(largest, sum(optimizer_state_bytes(n, "paged_adamw8bit", 4, min_8bit_size) for n in bucket))
+    return largest
 
 
 def attention_kind(device_type: str, seq_len: int) -> str:
@@ -409,8 +423,9 @@ def estimate(shape: ModelShape, method: str = "lora", rank: int = 16, targets="a
                           else numel * compute_bytes for name, numel in tensors)
     trainable = sum(numel for _, numel in trained)
     states = [optimizer_state_bytes(numel, optimizer, param_bytes) for _, numel in trained]
-    # Paged: states live in host memory; one tensor's states visit the device during its update.
-    optimizer_device = max(states) if optimizer == "paged_adamw8bit" else sum(states)
+    # Paged: states live in host memory; one bucket's states visit the device during its update.
+    optimizer_device = (paged_device_state_bytes([numel for _, numel in trained]) if optimizer == "paged_adamw8bit"
+                        else sum(states))
     optimizer_host = sum(states) if optimizer == "paged_adamw8bit" else 0.0
     tokens = batch * seq_len
     lora_targets = None if method == "full" else resolve_targets(targets, shape)

@@ -215,3 +215,70 @@ def test_tiny_second_moment_is_never_stored_as_zero():
     assert step.max().item() <= 1.0e-3 * 1.01  # Adam's step is bounded by lr when v is not underestimated
     codes = opt.state[param]["state2"]
     assert (codes > 0).all()
+
+
+def _bucket_run(bucket_elements: int, steps: int = 5):
+    """Params of mixed sizes and dtypes stepped by AdamW8bit; one of them skips step 3 (its step count lags)."""
+    shapes = [(16, 576), (576, 16), (100, 37), (7, 7), (3000, 3), (5000,), (300, 1000), (64,)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(dtype))
+              for s in shapes for dtype in (torch.float32, torch.bfloat16)]
+    opt = AdamW8bit(params, lr=1e-2, weight_decay=1e-2, bucket_elements=bucket_elements)
+    for step in range(steps):
+        for i, param in enumerate(params):
+            # gradients over four decades, so blocks' absmax values and codes differ from step to step
+            grad = (torch.randn(param.shape, generator=gen) * 10.0 ** -(step % 4)).to(param.dtype)
+            param.grad = None if (step == 2 and i == 3) else grad
+        opt.step()
+    return params, opt
+
+
+def test_buckets_give_the_same_results_as_one_tensor_at_a_time():
+    alone, opt_alone = _bucket_run(bucket_elements=1)  # every tensor its own bucket
+    for bucket_elements in (1 << 18, 20_000):  # the default (one bucket here), and several buckets
+        params, opt = _bucket_run(bucket_elements)
+        for param, reference in zip(params, alone):
+            assert torch.equal(param, reference)
+            state, expected = opt.state[param], opt_alone.state[reference]
+            assert state.keys() == expected.keys()
+            for key, value in expected.items():
+                assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value, key
+    # the mix holds both kinds of state and a tensor one step behind
+    kinds = {"state1" in s for s in opt_alone.state.values()}
+    assert kinds == {True, False} and {s["step"] for s in opt_alone.state.values()} == {4, 5}
+
+
+def test_bucket_layout():
+    from lorakit.optim.adamw8bit import _buckets
+
+    params = [torch.zeros(n) for n in (300, 200, 1000, 5000, 10)]
+    # quantized tensors take whole blocks of 256: spans 512, 256, 1024, 5120, 256
+    sizes = [[p.numel() for p in bucket] for bucket in _buckets(params, True, 1024)]
+    assert sizes == [[300, 200], [1000], [5000], [10]]
+    sizes = [[p.numel() for p in bucket] for bucket in _buckets(params, False, 1500)]
+    assert sizes == [[300, 200, 1000], [5000], [10]]
+    assert [len(b) for b in _buckets(params, True, 1)] == [1, 1, 1, 1, 1]
+
+
+def test_bucket_elements_must_be_a_positive_int():
+    for bad in (0, -5, 2.5):
+        with pytest.raises(LorakitError, match="bucket_elements must be a positive int"):
+            AdamW8bit([torch.zeros(4, requires_grad=True)], bucket_elements=bad)
+
+
+def test_bucket_padding_never_sets_a_blocks_absmax():
+    # 257 values: the second block holds one real value and 255 of padding inside the bucket. Its m goes
+    # 0.1 -> -0.01 -> -0.019 while a padding that read back as nonzero would keep the block's absmax high.
+    param = torch.nn.Parameter(torch.zeros(257))
+    other = torch.nn.Parameter(torch.zeros(300))  # shares the bucket, after the padding
+    opt = AdamW8bit([param, other], lr=1e-3, weight_decay=0.0, min_8bit_size=1)
+    m = 0.0
+    for grad in (1.0, -1.0, -1.0):
+        param.grad, other.grad = torch.full((257,), grad), torch.full((300,), 2 * grad)
+        opt.step()
+        m = 0.9 * m + 0.1 * grad
+        state = opt.state[param]
+        # a block's largest value is stored as its absmax: the lone value holds the map's end code
+        assert state["absmax1"][1].item() == pytest.approx(abs(m), rel=1e-2)
+        assert state["state1"][256].item() in (0, 255) and state["state2"][256].item() == 255
+        assert opt.state[other]["absmax1"].tolist() == pytest.approx([abs(2 * m)] * 2, rel=1e-2)

@@ -67,3 +67,24 @@ def test_quant_error_tiny_prints_its_table():
     nf4 = [float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| NF4 |")]
     fp4 = [float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| FP4 |")]
     assert len(nf4) == len(fp4) == 3 and all(n < f for n, f in zip(nf4, fp4))
+
+
+def test_optim_step_tiny_prints_its_table(tmp_path):
+    json_path = tmp_path / "optim_step.json"
+    out = run_benchmark("optim_step.py", "--tiny", "--json", str(json_path))
+    assert "optimizer                                 step ms  vs bnb  paired state B/param" in out
+    results = json.loads(json_path.read_text())
+    rows = results["rows"]
+    assert list(rows) == ["lorakit AdamW8bit", "lorakit AdamW8bit, one tensor at a time", "bitsandbytes AdamW8bit",
+                          "torch AdamW (fused)", "torch AdamW (foreach)"]
+    assert results["steps"] == 3 and results["min_8bit_size"] == 256 and results["tensors"] == 28
+    assert all(len(row["seconds"]) == 3 and row["median_ms"] > 0 for row in rows.values())
+    assert rows["bitsandbytes AdamW8bit"]["vs_baseline"] == rows["bitsandbytes AdamW8bit"]["paired"] == 1.0
+    # Every tiny adapter tensor is 8-bit in whole blocks: 2 x (1 byte + a 4-byte absmax per 256); fp32 AdamW 8.
+    assert rows["lorakit AdamW8bit"]["state_bytes_per_param"] == 2 * (1 + 4 / 256)
+    assert rows["lorakit AdamW8bit, one tensor at a time"]["state_bytes_per_param"] == 2 * (1 + 4 / 256)
+    assert rows["torch AdamW (fused)"]["state_bytes_per_param"] == rows["torch AdamW (foreach)"][
+        "state_bytes_per_param"] == 8.0
+    # bitsandbytes also keeps its two 256-entry fp32 code maps (shared by every tensor, counted once)
+    expected_bnb = 2 * (1 + 4 / 256) + 2 * 256 * 4 / results["params"]
+    assert rows["bitsandbytes AdamW8bit"]["state_bytes_per_param"] == pytest.approx(expected_bnb)

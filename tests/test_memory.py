@@ -27,6 +27,7 @@ from lorakit.memory import (
     lora_path_bytes,
     nf4_bytes,
     norm_activation_bytes,
+    paged_device_state_bytes,
     parameter_count,
     plot_memory_vs_size,
 )
@@ -87,8 +88,21 @@ def test_8bit_and_paged_optimizer_states():
     assert est8.optimizer == pytest.approx(2 * n + 2 * 4 * n / 256, rel=1e-6)
     paged = estimate(LLAMA_7B, method="lora", optimizer="paged_adamw8bit")
     assert paged.optimizer_host == est8.optimizer
-    assert paged.optimizer < est8.optimizer / 100  # one tensor's states at a time on the device
+    assert paged.optimizer < est8.optimizer / 100  # one bucket's states at a time on the device
     assert paged.total < est8.total
+    # 7B LoRA r=16 all-linear, a layer's tensors in order: q, k, v, o's A and B (65,536 values each), then
+    # gate/up/down pairs of 65,536 + 176,128. Buckets of 2^18 values: four 65,536s (exactly 2^18), or a
+    # pair of 241,664. The largest is four 65,536s: 4 x (2 x 65,536 + 8 x 256 blocks) bytes.
+    assert paged.optimizer == 4 * (2 * 65_536 + 8 * 256)
+
+
+def test_paged_device_state_bytes_is_the_largest_buckets():
+    # 40 x 9216-value 8-bit tensors (36 blocks each): 28 to a bucket of 2^18 -> 28 x (2 x 9216 + 8 x 36) bytes.
+    assert paged_device_state_bytes([9216] * 40) == 28 * (2 * 9216 + 8 * 36)
+    # 100 x 3072-value tensors keep fp32 states (8 bytes/value): 85 to a bucket -> 85 x 8 x 3072.
+    assert paged_device_state_bytes([9216] * 40 + [3072] * 100) == 85 * 8 * 3072
+    # one tensor larger than a bucket is its own bucket
+    assert paged_device_state_bytes([1 << 20]) == 2 * (1 << 20) + 8 * (1 << 12)
 
 
 def test_seed_comparison_figures():

@@ -2,14 +2,15 @@
 
 Adam's m and v take 8 bytes per parameter in fp32. Here each is stored as uint8 codes with one fp32
 absmax per block of 256 values, ~2.03 bytes per parameter for both: m with the signed dynamic map,
-v with the unsigned one (bitsandbytes' qmap1/qmap2). Each step dequantizes a tensor's states,
-does the plain fp32 AdamW update and requantizes with fresh absmax values. Tensors with fewer than
-`min_8bit_size` elements (norms, biases) keep fp32 states, as in bitsandbytes: the absmax overhead
-and the quantization error are not worth it there.
+v with the unsigned one (bitsandbytes' qmap1/qmap2). Each step dequantizes the states of a bucket
+of tensors laid end to end, does the plain fp32 AdamW update and requantizes with fresh absmax
+values. Tensors with fewer than `min_8bit_size` elements (norms, biases) keep fp32 states, as in
+bitsandbytes: the absmax overhead and the quantization error are not worth it there.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -18,26 +19,35 @@ from lorakit.errors import LorakitError
 from lorakit.quant.blockwise8 import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 
 BLOCKSIZE = 256  # bitsandbytes' optimizer blocksize since 0.44
+# Values updated together by default. Per-op overhead dominates a step over many small adapter tensors; the
+# bound keeps a bucket's fp32 temporaries (~6 of them) near 6 MB, and on a paged GPU run what the device holds.
+BUCKET_ELEMENTS = 1 << 18
 
 
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose m, v are blockwise 8-bit; `paged=True` keeps them in (pinned) CPU memory.
 
-    Paged: each step copies one tensor's states to its parameter's device, updates, and copies
-    them back (non_blocking, ordered on the current CUDA stream, synchronized at the end of the
-    step), so the device holds the states of one tensor at a time. On a CPU-only machine the
-    states already live on the CPU and paged changes nothing.
+    Tensors that share a device and a step count are updated together, in buckets of at most
+    `bucket_elements` values (a larger tensor alone): the same results as one tensor at a time.
+    Paged: each step copies one bucket's states to the parameters' device, updates, and copies them
+    back (non_blocking, ordered on the current CUDA stream, synchronized at the end of the step), so
+    the device holds the states of one bucket at a time. On a CPU-only machine the states already
+    live on the CPU and paged changes nothing.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, min_8bit_size: int = 4096, paged: bool = False):
+                 weight_decay: float = 1e-2, min_8bit_size: int = 4096, paged: bool = False,
+                 bucket_elements: int = BUCKET_ELEMENTS):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise LorakitError(f"AdamW8bit: lr, eps and weight_decay must be >= 0, got lr={lr}, eps={eps}, "
                                f"weight_decay={weight_decay}")
         if not all(0.0 <= beta < 1.0 for beta in betas):
             raise LorakitError(f"AdamW8bit: betas must be in [0, 1), got {betas}")
+        if not isinstance(bucket_elements, int) or bucket_elements < 1:
+            raise LorakitError(f"AdamW8bit: bucket_elements must be a positive int, got {bucket_elements!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
+        self.bucket_elements = bucket_elements
         self.paged = paged
         self.signed_code = create_dynamic_map(signed=True)
         self.unsigned_code = create_dynamic_map(signed=False)
@@ -71,6 +81,9 @@ class AdamW8bit(torch.optim.Optimizer):
                 loss = closure()
         copied_to_cuda = False
         for group in self.param_groups:
+            # Tensors that share a device, a step count and a state kind are updated as one flat tensor:
+            # the same values as one at a time (blocks never straddle two tensors), far fewer small ops.
+            pending: dict[tuple, list[torch.Tensor]] = {}
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -80,8 +93,12 @@ class AdamW8bit(torch.optim.Optimizer):
                     self.state[param] = self._init_state(param)
                 state = self.state[param]
                 state["step"] += 1
-                _update(param, state, group, self.signed_code, self.unsigned_code)
-                copied_to_cuda |= self.paged and param.device.type == "cuda"
+                pending.setdefault((param.device, state["step"], "state1" in state), []).append(param)
+            for (device, step, quantized), params in pending.items():
+                codes = (self.signed_code, self.unsigned_code) if quantized else None
+                for bucket in _buckets(params, quantized, self.bucket_elements):
+                    _update(bucket, [self.state[p] for p in bucket], group, step, codes)
+                copied_to_cuda |= self.paged and device.type == "cuda"
         if copied_to_cuda:
             torch.cuda.current_stream().synchronize()  # the host copies of the states are complete
         return loss
@@ -103,26 +120,68 @@ def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
     return tensor.pin_memory() if pin and not tensor.is_pinned() else tensor
 
 
-def _update(param: torch.Tensor, state: dict, group: dict, signed_code: torch.Tensor,
-            unsigned_code: torch.Tensor) -> None:
-    """Dequantize (or fetch) the states, do the fp32 AdamW update, store them back."""
+def _span(numel: int, quantized: bool) -> int:
+    """Room a tensor takes in a bucket: whole blocks when quantized, so no block holds two tensors."""
+    return -(-numel // BLOCKSIZE) * BLOCKSIZE if quantized else numel
+
+
+def bucket_sizes(numels: list[int], quantized: bool, limit: int = BUCKET_ELEMENTS) -> list[list[int]]:
+    """How consecutive tensors of these sizes are bucketed: runs spanning at most `limit` values (a larger
+    tensor is a bucket alone)."""
+    buckets: list[list[int]] = []
+    size = limit
+    for numel in numels:
+        span = _span(numel, quantized)
+        if size + span > limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(numel)
+        size += span
+    return buckets
+
+
+def _buckets(params: list[torch.Tensor], quantized: bool, limit: int) -> list[list[torch.Tensor]]:
+    """The params grouped as `bucket_sizes` groups their sizes."""
+    remaining = iter(params)
+    return [[next(remaining) for _ in sizes] for sizes in bucket_sizes([p.numel() for p in params], quantized, limit)]
+
+
+def _flat(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype, spans: list[int] | None = None,
+          fill: float = 0) -> torch.Tensor:
+    """A new tensor: the tensors end to end on device as dtype, each padded with `fill` to its span."""
+    pieces = []
+    for i, tensor in enumerate(tensors):
+        pieces.append(tensor.reshape(-1).to(device, dtype, non_blocking=True))
+        if spans is not None and spans[i] > tensor.numel():
+            pieces.append(torch.full((spans[i] - tensor.numel(),), fill, dtype=dtype, device=device))
+    return torch.cat(pieces)
+
+
+def _update(params: list[torch.Tensor], states: list[dict], group: dict, step: int,
+            codes: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Read the bucket's states (dequantized when codes are given), do the fp32 AdamW update, store them back."""
     beta1, beta2 = group["betas"]
-    lr, eps, weight_decay, step = group["lr"], group["eps"], group["weight_decay"], state["step"]
-    device = param.device
-    quantized = "state1" in state
-    if quantized:
-        exp_avg = dequantize_blockwise(state["state1"].to(device, non_blocking=True),
-                                       state["absmax1"].to(device, non_blocking=True),
-                                       signed_code, BLOCKSIZE, param.shape)
-        exp_avg_sq = dequantize_blockwise(state["state2"].to(device, non_blocking=True),
-                                          state["absmax2"].to(device, non_blocking=True),
-                                          unsigned_code, BLOCKSIZE, param.shape)
+    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    device = params[0].device
+    sizes = [p.numel() for p in params]
+    spans = [_span(n, codes is not None) for n in sizes]
+    total = sum(spans)
+    if codes is not None:
+        signed_code, unsigned_code = codes
+        # Padding reads back as 0.0 (code 127 signed, 0 unsigned) with a zero gradient, so it stays 0 and
+        # never raises a block's absmax.
+        exp_avg = dequantize_blockwise(_flat([s["state1"] for s in states], device, torch.uint8, spans, 127),
+                                       _flat([s["absmax1"] for s in states], device, torch.float32),
+                                       signed_code, BLOCKSIZE, (total,))
+        exp_avg_sq = dequantize_blockwise(_flat([s["state2"] for s in states], device, torch.uint8, spans),
+                                          _flat([s["absmax2"] for s in states], device, torch.float32),
+                                          unsigned_code, BLOCKSIZE, (total,))
     else:
-        exp_avg = state["exp_avg"].to(device, non_blocking=True)
-        exp_avg_sq = state["exp_avg_sq"].to(device, non_blocking=True)
-    grad = param.grad.float()
+        exp_avg = _flat([s["exp_avg"] for s in states], device, torch.float32)
+        exp_avg_sq = _flat([s["exp_avg_sq"] for s in states], device, torch.float32)
+    grad = _flat([p.grad for p in params], device, torch.float32, spans)
     # fp32 master math even for bf16/fp16 params; the result is rounded once when copied back.
-    value = param.float()
+    value = _flat([p.detach() for p in params], device, torch.float32, spans)
     # Same operations, in the same order, as torch.optim.AdamW's single-tensor path.
     value.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
@@ -131,19 +190,22 @@ def _update(param: torch.Tensor, state: dict, group: dict, signed_code: torch.Te
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # ** 0.5 as torch writes it: pow may differ from sqrt
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     value.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-    if value.data_ptr() != param.data_ptr():
-        param.copy_(value)
-    if quantized:
-        for name, tensor, code in (("1", exp_avg, signed_code), ("2", exp_avg_sq, unsigned_code)):
-            codes, absmax = quantize_blockwise(tensor, code, BLOCKSIZE)
-            if name == "2":
-                codes = _floor_positive(codes, tensor)
-            state["state" + name].copy_(codes, non_blocking=True)
-            state["absmax" + name].copy_(absmax, non_blocking=True)
-    else:
-        if state["exp_avg"].data_ptr() != exp_avg.data_ptr():
-            state["exp_avg"].copy_(exp_avg, non_blocking=True)
-            state["exp_avg_sq"].copy_(exp_avg_sq, non_blocking=True)
+    offsets = [0, *itertools.accumulate(spans)][:-1]
+    for param, offset, n in zip(params, offsets, sizes):
+        param.copy_(value[offset:offset + n].view(param.shape))
+    if codes is None:
+        for state, offset, n in zip(states, offsets, sizes):
+            state["exp_avg"].copy_(exp_avg[offset:offset + n].view(state["exp_avg"].shape), non_blocking=True)
+            state["exp_avg_sq"].copy_(exp_avg_sq[offset:offset + n].view(state["exp_avg"].shape), non_blocking=True)
+        return
+    for name, tensor, code in (("1", exp_avg, signed_code), ("2", exp_avg_sq, unsigned_code)):
+        stored, absmax = quantize_blockwise(tensor, code, BLOCKSIZE)
+        if name == "2":
+            stored = _floor_positive(stored, tensor)
+        for state, offset, n in zip(states, offsets, sizes):
+            state["state" + name].copy_(stored[offset:offset + n], non_blocking=True)
+            blocks = slice(offset // BLOCKSIZE, -(-(offset + n) // BLOCKSIZE))
+            state["absmax" + name].copy_(absmax[blocks], non_blocking=True)
 
 
 def _floor_positive(codes: torch.Tensor, exp_avg_sq: torch.Tensor) -> torch.Tensor:
