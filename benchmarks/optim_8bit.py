@@ -169,13 +169,14 @@ def smoothed(values: list[float], window: int) -> list[float]:
 
 
 def error_summary(per_step: list[tuple[float, float, str]]) -> dict:
-    """Median/mean/worst of the all-tensor error after step 1, and the worst single tensor over all steps."""
+    """Median/mean/best/worst of the all-tensor error after step 1, and the worst single tensor over all steps."""
     totals = [total for total, _, _ in per_step]
     later = totals[1:] or totals
     tensor_step = max(range(len(per_step)), key=lambda i: per_step[i][1])
     return {"per_step": totals, "worst_tensor_per_step": [worst for _, worst, _ in per_step],
             "step1": totals[0], "median_after_step1": statistics.median(later),
-            "mean_after_step1": statistics.fmean(later), "worst_after_step1": max(later),
+            "mean_after_step1": statistics.fmean(later), "best_after_step1": min(later),
+            "worst_after_step1": max(later),
             "worst_step": 2 + later.index(max(later)) if len(totals) > 1 else 1,
             "worst_tensor": {"name": per_step[tensor_step][2], "step": tensor_step + 1,
                              "error": per_step[tensor_step][1]}}

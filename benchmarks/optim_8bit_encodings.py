@@ -17,8 +17,14 @@ which storage encodings of m and v could meet that, measured as benchmarks/optim
    states -> store the states. Tensors under --min-8bit-size elements keep fp32 states. Per step:
    error = ||u8 - u32|| / ||u32|| over all adapter tensors together; at the end the cumulative error
    ||sum u8 - sum u32|| / ||sum u32||. Step 1 reads no stored history, so its error is ~0.
-3. "lorakit AdamW8bit (class)" is the real `lorakit.optim.AdamW8bit` stepped through optim_8bit's Shadow; its
+3. The "one rounding" rows are no optimizer: each step they encode the exact fp32 states (an fp32 Adam replay
+   beside them) and update from what that encoding reads back. No method that stores those codes can read back
+   anything nearer the exact states than their nearest codes, so these rows are the floor of an encoding; a
+   real optimizer also carries the rounding of earlier steps (its m is b1 x the last read-back + new gradient).
+4. "lorakit AdamW8bit (class)" is the real `lorakit.optim.AdamW8bit` stepped through optim_8bit's Shadow; its
    update is compared with the replay of the row that encodes as it does, as a check on the replay.
+   "bitsandbytes AdamW8bit (class)" is the peer stepped the same way (its CPU kernel; left out when
+   bitsandbytes is not installed).
 
 An encoding stores the first moment as m itself or as r = m / (sqrt(v) + eps) (with the v read back from
 storage, so dividing and multiplying by it is undone exactly up to r's rounding), with bitsandbytes' signed
@@ -30,6 +36,7 @@ parameter plus one fp32 absmax per block.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import platform
 import time
@@ -73,6 +80,7 @@ class Encoding:
     second_code: str  # "dynamic": bitsandbytes' unsigned dynamic map; "fp32": v stored exactly
     blocksize: int  # values per fp32 absmax
     sqrt_v: bool = False  # store sqrt(v) and square it when read back
+    fresh: bool = False  # encode the exact fp32 states each step (one rounding, no carried history): a floor
 
     def bytes_per_param(self) -> float:
         """Storage of both states per parameter: 1-byte codes + a 4-byte absmax per block, or 4 bytes for fp32."""
@@ -87,8 +95,11 @@ ENCODINGS = {
     "r dyn, v dyn, block 256": Encoding("r", "dynamic", "dynamic", 256),
     "r linear, v dyn, block 64": Encoding("r", "linear", "dynamic", 64),
     "r linear, v fp32, block 64": Encoding("r", "linear", "fp32", 64),  # the floor of r's rounding alone
+    "one rounding: m dyn, v dyn, 256": Encoding("m", "dynamic", "dynamic", 256, fresh=True),
+    "one rounding: r linear, v dyn, 64": Encoding("r", "linear", "dynamic", 64, fresh=True),
 }
 CLASS_ROW = "lorakit AdamW8bit (class)"
+BNB_ROW = "bitsandbytes AdamW8bit (class)"  # the peer, on the same gradients (left out without bitsandbytes)
 CLASS_ENCODING = "m dyn, v dyn, block 256"  # the row the class must reproduce
 
 
@@ -131,6 +142,8 @@ class Replay:
         for n, quantized in zip(sizes, self.quantized):
             zeros = torch.zeros(n)
             self.states.append(self._store(zeros, zeros.clone()) if quantized else (zeros, zeros.clone()))
+        # fresh: the exact fp32 states, stepped beside the encoded ones and encoded anew before each step.
+        self.exact = [(torch.zeros(n), torch.zeros(n)) for n in sizes] if encoding.fresh else None
 
     def _store(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> tuple[Stored, Stored]:
         enc = self.encoding
@@ -163,6 +176,11 @@ class Replay:
         out = []
         for i, (start, grad) in enumerate(zip(before, grads)):
             quantized = self.quantized[i]
+            if quantized and self.exact is not None:
+                self.states[i] = self._store(*self.exact[i])
+                exact_avg, exact_avg_sq = self.exact[i]
+                exact_avg.lerp_(grad, 1 - beta1)
+                exact_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             # An fp32 state read back is the stored tensor itself: updated in place, then stored again.
             exp_avg, exp_avg_sq = self._read(*self.states[i]) if quantized else self.states[i]
             # The operations of lorakit.optim.adamw8bit._update, in its order, so the class's row matches.
@@ -172,7 +190,10 @@ class Replay:
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(EPS)
             value.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
             out.append(value - start)  # parameter after - before, rounded as a real step rounds it
-            self.states[i] = self._store(exp_avg, exp_avg_sq) if quantized else (exp_avg, exp_avg_sq)
+            if not quantized:
+                self.states[i] = exp_avg, exp_avg_sq
+            elif self.exact is None:
+                self.states[i] = self._store(exp_avg, exp_avg_sq)
         return out
 
 
@@ -216,8 +237,12 @@ def replay_all(recorded: Recorded, min_8bit_size: int, cfg) -> dict:
     shapes, names = recorded.shapes, recorded.names
     replays = {name: Replay(encoding, [math.prod(s) for s in shapes], min_8bit_size)
                for name, encoding in ENCODINGS.items()}
-    shadow = Shadow(make_8bit("lorakit", min_8bit_size, cfg), [p.view(s) for p, s in zip(recorded.params[0], shapes)])
-    rows = [*replays, CLASS_ROW]
+    kinds = {CLASS_ROW: "lorakit"}
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        kinds[BNB_ROW] = "bitsandbytes"
+    initial = [p.view(s) for p, s in zip(recorded.params[0], shapes)]
+    shadows = {name: Shadow(make_8bit(kind, min_8bit_size, cfg), initial) for name, kind in kinds.items()}
+    rows = [*replays, *shadows]
     per_step = {name: [] for name in rows}
     sums = {name: [torch.zeros(p.numel(), dtype=torch.float64) for p in recorded.params[0]] for name in
             [*rows, REFERENCE]}
@@ -227,8 +252,10 @@ def replay_all(recorded: Recorded, min_8bit_size: int, cfg) -> dict:
         updates = {REFERENCE: [after - start for after, start in zip(recorded.params[t + 1], before)]}
         for name, replay in replays.items():
             updates[name] = replay.updates(before, grads, lr, t + 1, cfg.weight_decay)
-        updates[CLASS_ROW] = [u.reshape(-1) for u in shadow.updates([b.view(s) for b, s in zip(before, shapes)],
-                                                                    [g.view(s) for g, s in zip(grads, shapes)], lr)]
+        for name, shadow in shadows.items():
+            stepped = shadow.updates([b.view(s) for b, s in zip(before, shapes)],
+                                     [g.view(s) for g, s in zip(grads, shapes)], lr)
+            updates[name] = [u.reshape(-1) for u in stepped]
         for name in rows:
             per_step[name].append(update_error(updates[name], updates[REFERENCE], names))
         class_vs_replay.append(update_error(updates[CLASS_ROW], updates[CLASS_ENCODING], names)[0])
@@ -248,17 +275,18 @@ def replay_all(recorded: Recorded, min_8bit_size: int, cfg) -> dict:
 
 
 def format_table(results: dict) -> str:
-    """One row per encoding: bytes per parameter, per-step error after step 1, cumulative error."""
+    """One row per encoding: bytes per parameter, per-step error (step 1, then over later steps), cumulative error."""
     steps = results["steps"]
     lines = [f"\nUpdate error ||u8 - u32|| / ||u32|| vs fp32 AdamW on the same gradients, all adapter tensors "
              f"together; per step: steps 2..{steps}; cumulative: ||sum u8 - sum u32|| / ||sum u32|| over all "
              f"{steps} steps",
-             f"{'encoding':<30} {'bytes/param':>11} {'step 1':>8} {'median':>9} {'mean':>9} {'worst':>9} "
-             f"{'cumulative':>10}  {'median <= 1e-2':>14}"]
+             f"{'encoding':<34} {'bytes/param':>11} {'step 1':>8} {'median':>9} {'mean':>9} {'best':>9} "
+             f"{'worst':>9} {'cumulative':>10}  {'median <= 1e-2':>14}"]
     lines.append("-" * len(lines[-1]))
     for name, s in results["encodings"].items():
-        lines.append(f"{name:<30} {s['bytes_per_param']:11.4f} {s['step1']:8.1e} {s['median_after_step1']:9.2e} "
-                     f"{s['mean_after_step1']:9.2e} {s['worst_after_step1']:9.2e} {s['cumulative']:10.2e}  "
+        lines.append(f"{name:<34} {s['bytes_per_param']:11.4f} {s['step1']:8.1e} {s['median_after_step1']:9.2e} "
+                     f"{s['mean_after_step1']:9.2e} {s['best_after_step1']:9.2e} {s['worst_after_step1']:9.2e} "
+                     f"{s['cumulative']:10.2e}  "
                      f"{'yes' if s['median_after_step1'] <= TARGET else 'no':>14}")
     check = results["class_vs_replay"]
     lines.append(f"\n{CLASS_ROW} vs the replay of '{check['replay_row']}': max over steps of "
@@ -276,7 +304,8 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for name, summary in results["encodings"].items():
         steps = range(2, len(summary["per_step"]) + 1)  # step 1 is ~0: left off the log scale
-        style = dict(linestyle=":", marker="x", color="black") if name == CLASS_ROW else {}
+        style = {CLASS_ROW: dict(linestyle=":", marker="x", color="black"),
+                 BNB_ROW: dict(linestyle=":", marker="+", color="gray")}.get(name, {})
         ax.plot(steps, summary["per_step"][1:], label=f"{name} ({summary['bytes_per_param']:.2f} B/param)", **style)
     ax.axhline(TARGET, color="gray", linestyle="--", linewidth=1, label="1e-2 (issue 5)")
     ax.set(xlabel="step", ylabel="||u8 - u32|| / ||u32||", yscale="log")
