@@ -54,10 +54,8 @@ def optimizers(lr: float, min_8bit_size: int) -> dict[str, Make]:
     }
 
 
-def adapter_shapes(tiny: bool) -> tuple[list[torch.Size], str]:
-    """Shapes of the trainable tensors of the demo's adapter on the NF4 base, and the model's label."""
-    with tempfile.TemporaryDirectory() as tmp:  # demo_config wants a folder; nothing is written there
-        lora_config = demo_config(Path(tmp), 1, 1).lora_config()
+def adapter_shapes(tiny: bool, lora_config: lk.LoraConfig) -> tuple[list[torch.Size], str]:
+    """Shapes of the trainable tensors of this adapter on the NF4 base, and the model's label."""
     model = lorakit_model(tiny, torch.float32, "nf4")
     lk.add_adapter(model, lora_config, name="default")
     shapes = [p.shape for p in model.parameters() if p.requires_grad]
@@ -141,9 +139,10 @@ def main() -> None:
     steps = args.steps or (3 if args.tiny else 20)
     min_8bit_size = args.min_8bit_size or (256 if args.tiny else 4096)
     started = time.perf_counter()
-    shapes, label = adapter_shapes(args.tiny)
-    with tempfile.TemporaryDirectory() as tmp:
-        lr = demo_config(Path(tmp), 1, 1).learning_rate
+    with tempfile.TemporaryDirectory() as tmp:  # demo_config wants a folder; nothing is written there
+        cfg = demo_config(Path(tmp), 1, 1)
+    shapes, label = adapter_shapes(args.tiny, cfg.lora_config())
+    lr = cfg.learning_rate
     machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                f"torch {torch.__version__}")
     results = {"model": label, "tensors": len(shapes), "params": sum(s.numel() for s in shapes), "steps": steps,

@@ -147,7 +147,7 @@ def _buckets(params: list[torch.Tensor], quantized: bool, limit: int) -> list[li
 
 
 def _flat(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype, spans: list[int] | None = None,
-          fill: float = 0) -> torch.Tensor:
+          fill: int = 0) -> torch.Tensor:
     """A new tensor: the tensors end to end on device as dtype, each padded with `fill` to its span."""
     pieces = []
     for i, tensor in enumerate(tensors):
@@ -196,7 +196,8 @@ def _update(params: list[torch.Tensor], states: list[dict], group: dict, step: i
     if codes is None:
         for state, offset, n in zip(states, offsets, sizes):
             state["exp_avg"].copy_(exp_avg[offset:offset + n].view(state["exp_avg"].shape), non_blocking=True)
-            state["exp_avg_sq"].copy_(exp_avg_sq[offset:offset + n].view(state["exp_avg"].shape), non_blocking=True)
+            state["exp_avg_sq"].copy_(exp_avg_sq[offset:offset + n].view(state["exp_avg_sq"].shape),
+                                      non_blocking=True)
         return
     for name, tensor, code in (("1", exp_avg, signed_code), ("2", exp_avg_sq, unsigned_code)):
         stored, absmax = quantize_blockwise(tensor, code, BLOCKSIZE)
