@@ -176,12 +176,29 @@ def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         return _GroupedAttention.apply(query, key, value, mask, scaling)
 
 
+def common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in one dtype: autocast's when it is on (as its matmuls would cast), else the promoted one.
+
+    Under autocast an fp32 model's projections come out in bf16 while RoPE's fp32 cos/sin promote q and k
+    back to fp32, so q, k and v can arrive in two dtypes; the kernels here run with autocast off.
+    """
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = tensors[0].dtype
+        for tensor in tensors[1:]:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function: plain attention when it pays, sdpa otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    query, key, value = common_dtype(query, key, value)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if not _use_plain(query, key, attention_mask, kwargs) or (attention_mask is None and not causal):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -232,3 +232,31 @@ def test_causal_blocks_skip_the_scores_no_query_sees(block_rows):
     assert _score_flops(torch.ones(2, 1, 16, 16, dtype=torch.bool), block_rows) == 6 * 2 * (2 * 2) * 3 * 256 * 16
     left = 16 * 16 if block_rows == 64 else 4 * (16 + 16 + 12 + 16)
     assert _score_flops(_padding_mask(side="left"), block_rows) == 6 * 2 * (2 * 2) * 3 * left * 16
+
+
+def test_fp32_model_under_bf16_autocast_with_an_adapter_is_as_accurate_as_eager():
+    """Autocast makes q, k (fp32 after RoPE) and v (bf16) arrive in two dtypes; they run as autocast would."""
+    import lorakit as lk
+
+    ids, mask = _batch()
+    labels = ids.clone()
+    labels[0, :6] = -100  # no loss read from a padding position (implementations fill those rows differently)
+    results = {}
+    for implementation, autocast in (("eager", False), ("eager", True), (NAME, True)):
+        model = tiny_llama()
+        if implementation == NAME:
+            assert use_fast_cpu_attention(model)
+        else:
+            model.set_attn_implementation("eager")
+        torch.manual_seed(0)
+        lk.add_adapter(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+        results[(implementation, autocast)] = (loss.item(), grads)
+    truth = results[("eager", False)][1]
+    error = {key: float((grads - truth).norm() / truth.norm()) for key, (_, grads) in results.items()}
+    assert results[(NAME, True)][0] == pytest.approx(results[("eager", True)][0], rel=1e-3)
+    assert 0 < error[(NAME, True)] <= 1.25 * error[("eager", True)] < 0.05
