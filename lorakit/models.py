@@ -7,6 +7,7 @@ that folder (about 1 s).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import shutil
@@ -168,18 +169,52 @@ def _load_safetensors(path: Path, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
+def _stream_load(kind: str, path: Path, dtype: torch.dtype, quant) -> nn.Module | None:
+    """The model built tensor by tensor (lorakit.streaming), or None when the files don't fit that path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from lorakit.quant.linear4bit import quantization_targets, quantize_weight
+    from lorakit.streaming import can_stream, meta_parameters, stream_weights, weight_files
+
+    folder = path if kind == "folder" else path.parent
+    files = weight_files(path) if kind == "folder" else [path]
+    if not files:
+        return None
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with meta_parameters():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not can_stream(model, files):
+        return None
+    builders = {}
+    if quant is not None:
+        for name in quantization_targets(model):
+            builders[name] = functools.partial(quantize_weight, config=quant, where=f"load_model: layer {name!r}")
+    stream_weights(model, files, dtype, builders)
+    model.tie_weights()
+    if any(p.is_meta for p in model.parameters()):
+        return None
+    model.config._name_or_path = str(folder)
+    model.name_or_path = str(folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return model
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     quantize: str | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | None = None,
     attn_implementation: str = "auto",
+    compute_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a name, HF folder, .gguf or .safetensors; optionally 4-bit quantize.
 
-    The model is returned in eval mode with ``use_cache=True`` (generation); the trainer switches
-    both as it needs. The tokenizer pads on the left with eos as pad if it has none.
-    ``attn_implementation="auto"`` gives models that use sdpa lorakit's CPU attention
+    Weights are read one tensor at a time and cast to ``dtype`` (or, with ``quantize``, the decoder
+    linears quantized straight from the stored weights with ``compute_dtype``), so the load never holds
+    a second copy of the model. The model is returned in eval mode with ``use_cache=True``
+    (generation); the trainer switches both as it needs. The tokenizer pads on the left with eos as pad
+    if it has none. ``attn_implementation="auto"`` gives models that use sdpa lorakit's CPU attention
     (lorakit/attention.py: faster training on short sequences, sdpa otherwise); "sdpa", "eager" or
     "lorakit_cpu" force one.
     """
@@ -190,22 +225,31 @@ def load_model(
                            f"{', '.join(IMPLEMENTATIONS)}")
     from transformers import AutoModelForCausalLM
 
+    from lorakit.quant import QuantConfig, quantize_model  # written beside this module; import late
+
+    quant = QuantConfig(quant_type=quantize, compute_dtype=compute_dtype) if quantize else None
     kind, path = _hf_folder(spec, cache_dir)
     tokenizer = load_tokenizer(str(path) if kind == "folder" else str(path.parent), cache_dir)
-    if kind == "folder":
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except OSError as exc:
-            raise LorakitError(f"model folder {path}: {str(exc).splitlines()[0]}") from None
-    else:
-        model = _load_safetensors(path, dtype)
+    try:
+        model = _stream_load(kind, path, dtype, quant)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, LorakitError):
+            raise
+        raise LorakitError(f"model {path}: {str(exc).splitlines()[0]}") from None
+    if model is None:  # files transformers must map (renamed keys, .bin weights): its own loader, then quantize
+        if kind == "folder":
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            except OSError as exc:
+                raise LorakitError(f"model folder {path}: {str(exc).splitlines()[0]}") from None
+        else:
+            model = _load_safetensors(path, dtype)
+        if quant is not None:
+            quantize_model(model, quant)
     model.config.use_cache = True
+    model.lorakit_spec = spec  # what the user named it by, recorded with adapters saved from it
     set_attention(model, attn_implementation)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    if quantize is not None:
-        from lorakit.quant import QuantConfig, quantize_model  # written beside this module; import late
-
-        quantize_model(model, QuantConfig(quant_type=quantize))
     return model, tokenizer

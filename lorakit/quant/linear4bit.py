@@ -255,12 +255,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return get_head() if callable(get_head) else None
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, skip: Sequence[str] | None = None) -> nn.Module:
-    """Swap the model's nn.Linear layers for Linear4bit in place (output head and `skip` excluded)."""
-    if not isinstance(config, QuantConfig):
-        raise LorakitError(
-            f"quantize_model: config must be a lorakit QuantConfig, got {type(config).__name__}"
-        )
+def quantization_targets(model: nn.Module, skip: Sequence[str] | None = None) -> list[str]:
+    """Names of the nn.Linear layers quantize_model swaps: all but the output head, `skip` and adapter internals."""
     if isinstance(skip, str):
         skip = [skip]
     skip = list(skip or [])
@@ -284,7 +280,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, skip: Sequence[str] | 
         warnings.warn(
             f"quantize_model: skipped {len(wrapped)} LoRA-wrapped layer(s) (e.g. {wrapped[0]}); "
             "quantize the model before adding adapters",
-            stacklevel=2,
+            stacklevel=3,
         )
     if not targets:
         found = ", ".join(all_linear[:8]) + (" ..." if len(all_linear) > 8 else "") if all_linear else "none"
@@ -292,22 +288,29 @@ def quantize_model(model: nn.Module, config: QuantConfig, skip: Sequence[str] | 
             f"quantize_model: no nn.Linear layer left to quantize (linear layers: {found}; skip={skip}); "
             "check `skip` and that adapters were not added before quantizing"
         )
-    for name in targets:
+    return targets
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, skip: Sequence[str] | None = None) -> nn.Module:
+    """Swap the model's nn.Linear layers for Linear4bit in place (output head and `skip` excluded)."""
+    if not isinstance(config, QuantConfig):
+        raise LorakitError(
+            f"quantize_model: config must be a lorakit QuantConfig, got {type(config).__name__}"
+        )
+    for name in quantization_targets(model, skip):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child_name)
-        quantized = Linear4bit.from_weight(
-            linear.weight,
-            linear.bias,
-            config.quant_type,
-            config.blocksize,
-            config.double_quant,
-            config.compute_dtype,
-            where=f"quantize_model: layer {name!r}",
-        )
+        quantized = quantize_weight(linear.weight, linear.bias, config, f"quantize_model: layer {name!r}")
         setattr(parent, child_name, quantized)
         del linear  # the last reference: its float weight is freed before the next layer is quantized
     return model
+
+
+def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig, where: str) -> Linear4bit:
+    """A Linear4bit holding `weight` (and `bias`) quantized as `config` says."""
+    return Linear4bit.from_weight(weight, bias, config.quant_type, config.blocksize, config.double_quant,
+                                  config.compute_dtype, where=where)
 
 
 def quantized_bytes_per_param(model: nn.Module) -> float:
@@ -324,7 +327,9 @@ def quantized_bytes_per_param(model: nn.Module) -> float:
 __all__ = [
     "Linear4bit",
     "QuantConfig",
+    "quantization_targets",
     "quantize_model",
+    "quantize_weight",
     "quantized_bytes_per_param",
     "check_weight",
     "parse_compute_dtype",
