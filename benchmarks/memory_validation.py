@@ -28,7 +28,7 @@ import lorakit as lk
 from lorakit.attention import NAME as LORAKIT_ATTENTION
 from lorakit.memory import ModelShape, PeakMemoryTracker, allocator_peak_bytes, attention_kind, estimate
 from lorakit.optim import make_optimizer
-from lorakit.train.trainer import causal_lm_loss
+from lorakit.train.trainer import causal_lm_loss, enable_checkpointing
 
 CE_CHUNK = 1024  # chunked_cross_entropy's default chunk
 HEADER = (f"{'method':<6} {'optimizer':<10} {'ckpt':<4} {'batch x seq':>11} {'rank':>4} {'attention':<9} "
@@ -90,7 +90,7 @@ def measure(config: Config, tiny: bool) -> Measurement:
     lk.add_adapter(model, lk.LoraConfig(r=config.rank, lora_alpha=2 * config.rank,
                                         target_modules="all-linear"))
     if config.checkpointing:  # as lorakit's trainer enables it
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     optimizer = make_optimizer(config.optimizer, [p for p in model.parameters() if p.requires_grad], lr=2e-4)
     batch = token_batch(model.get_input_embeddings().num_embeddings, config.batch, config.seq)

@@ -17,3 +17,7 @@ class TrainingInterrupted(LorakitError):
     """Ctrl-C: a checkpoint was saved and the run can be resumed."""
 
     exit_code = 130
+
+
+class LorakitWarning(UserWarning):
+    """Something works but is probably not what the user meant; the CLI prints it as one line."""

@@ -32,7 +32,7 @@ from lorakit.memory import (
     plot_memory_vs_size,
 )
 from lorakit.optim import make_optimizer
-from lorakit.train.trainer import causal_lm_loss
+from lorakit.train.trainer import causal_lm_loss, enable_checkpointing
 
 LLAMA_7B = ModelShape.from_name("llama-7b")
 SMOLLM2 = ModelShape.from_name("smollm2-135m")
@@ -331,7 +331,7 @@ def _measured_lorakit_step(quantize, checkpointing, batch, seq, vocab):
     """(held bytes, allocator peak of the 2nd step, model shape) of a lorakit LoRA/QLoRA training step."""
     model = _lorakit_tiny(quantize, vocab=vocab)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=1e-3)
     data = _token_batch(vocab, batch, seq)
 

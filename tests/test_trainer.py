@@ -16,12 +16,12 @@ import yaml
 from conftest import build_tiny_model_folder, tiny_train_config
 
 from lorakit.cli import main
-from lorakit.errors import LorakitError
 from lorakit.train import data as data_mod
 from lorakit.train.checkpoint import STATE_NAME
 from lorakit.train.config import TrainConfig
 from lorakit.train.demo_task import make_examples, write_jsonl
-from lorakit.train.trainer import OverfitWatch, accumulate_gradients, lr_lambda, prepare_run_dir, train
+from lorakit.train.trainer import accumulate_gradients, lr_lambda, train
+from lorakit.train.watch import OverfitWatch
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -301,26 +301,7 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_checkpoint(tiny, tmp_path, cap
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-# ------------------------------------------------------------------------------------------- run folder guard
-
-def test_prepare_run_dir_guards_unfinished_and_foreign_folders(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text("{}")
-    with pytest.raises(LorakitError, match=r"holds an unfinished run \(--resume it\); pass --overwrite"):
-        prepare_run_dir(run, overwrite=False, resume=False)
-    with pytest.raises(LorakitError, match="no checkpoint to resume from"):
-        prepare_run_dir(run, overwrite=False, resume=True)
-    prepare_run_dir(run, overwrite=True, resume=False)
-    assert not run.exists()
-
-    foreign = tmp_path / "photos"
-    foreign.mkdir()
-    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
-    with pytest.raises(LorakitError, match="is not a lorakit run folder"):
-        prepare_run_dir(foreign, overwrite=True, resume=False)
-    assert (foreign / "cat.jpg").exists()
-
+# ------------------------------------------------------------------------------------------- Ctrl-C
 
 def test_stop_request_first_ctrl_c_sets_a_flag_second_interrupts():
     from lorakit.train.trainer import StopRequest

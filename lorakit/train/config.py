@@ -190,3 +190,43 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 data[key] = str(base / value)
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data, where=str(path) if path else "config")
+
+
+# Settings a resumed run may change: the schedule and the bookkeeping. Everything else shapes the adapter,
+# the data order or the optimizer state already saved in the checkpoint.
+RESUME_CHANGEABLE = ("learning_rate", "max_steps", "num_epochs", "warmup_ratio", "lr_scheduler", "max_grad_norm",
+                     "eval_every", "save_every", "log_every", "tensorboard")
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if key == "lora" and isinstance(value, dict):
+            flat.update({f"lora.{k}": v for k, v in LoraConfig.from_dict(value, strict=False).to_dict().items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str) and a != b and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def resume_changes(saved: dict[str, Any], cfg: TrainConfig, where: str) -> dict[str, list[Any]]:
+    """{key: [saved, new]} for the settings `cfg` changes against the run's saved config; fixed ones raise."""
+    try:
+        before = _flatten(config_from_dict(saved, where).to_dict())
+    except LorakitError as exc:
+        raise LorakitError(f"{exc}; the run's own config is unreadable, start again with --overwrite") from None
+    after = _flatten(cfg.to_dict())
+    changed = {key: [before.get(key), value] for key, value in after.items()
+               if key != "output_dir" and not _same_path(before.get(key), value)}
+    fixed = [key for key in changed if key not in RESUME_CHANGEABLE]
+    if fixed:
+        what = ", ".join(f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in fixed)
+        raise LorakitError(f"--resume cannot change {what}: the checkpoint's adapter, optimizer state and data "
+                           f"position were made with the old value; only {', '.join(RESUME_CHANGEABLE)} may "
+                           "change on resume (or start again with --overwrite)")
+    return changed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, LorakitWarning
 
 IGNORE_INDEX = -100  # the label value torch's cross_entropy (and HF models) skip
 ROLES = ("system", "user", "assistant")
@@ -243,11 +243,30 @@ def _tokenize_all(examples: list[dict], tokenizer, max_seq_len: int, train_on_pr
     return items
 
 
+def empty_answers(examples: Sequence[dict]) -> int:
+    """Chat examples whose assistant messages are all empty (or whitespace)."""
+    return sum(1 for example in examples if "messages" in example
+               and not any(m["content"].strip() for m in example["messages"] if m["role"] == "assistant"))
+
+
+def check_answers(examples: Sequence[dict], source: str) -> int:
+    """Refuse data whose every answer is empty, warn when some are; returns how many are empty."""
+    empty = empty_answers(examples)
+    if empty and empty == len(examples):
+        raise LorakitError(f"{source}: every assistant message is empty, so the adapter would only learn to "
+                           "stop at once; fill in the answers")
+    if empty:
+        warnings.warn(f"{source}: {empty} of {len(examples)} examples have an empty assistant message; the "
+                      "adapter learns to answer those prompts with nothing", LorakitWarning, stacklevel=2)
+    return empty
+
+
 def build_dataset(paths_or_examples, tokenizer, max_seq_len: int = 512, packing: bool = False,
                   val_file: str | Path | None = None, val_fraction: float = 0.0, seed: int = 0,
-                  train_on_prompt: bool = False) -> tuple[list[dict], list[dict], dict]:
+                  train_on_prompt: bool = False, source: str = "training data") -> tuple[list[dict], list[dict], dict]:
     """(train items, validation items, stats) from files or examples; validation comes from ``val_file`` or
-    a seeded ``val_fraction`` of the examples, and is never packed. Stats count truncated/dropped examples."""
+    a seeded ``val_fraction`` of the examples, and is never packed. Stats count truncated/dropped examples
+    and empty answers (all empty is an error, some a warning)."""
     if max_seq_len < 2:
         raise LorakitError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if not 0.0 <= val_fraction < 1.0:
@@ -255,6 +274,7 @@ def build_dataset(paths_or_examples, tokenizer, max_seq_len: int = 512, packing:
     if val_file is not None and val_fraction:
         raise LorakitError("give either val_file or val_fraction, not both")
     examples = _as_examples(paths_or_examples)
+    empty = check_answers(examples, str(source))
     if val_file is not None:
         val_examples = load_examples(val_file)
     elif val_fraction:
@@ -267,7 +287,7 @@ def build_dataset(paths_or_examples, tokenizer, max_seq_len: int = 512, packing:
         examples = [examples[i] for i in sorted(order[n_val:])]
     else:
         val_examples = []
-    stats: dict = {"max_seq_len": max_seq_len}
+    stats: dict = {"max_seq_len": max_seq_len, "empty_answers": empty}
     train = _tokenize_all(examples, tokenizer, max_seq_len, train_on_prompt, stats, "")
     val = _tokenize_all(val_examples, tokenizer, max_seq_len, train_on_prompt, stats, "val_")
     if packing:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import threading
 import time
@@ -24,34 +23,16 @@ from tqdm.auto import tqdm
 
 from lorakit.allocator import retain_freed_memory
 from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
+from lorakit.files import write_text_atomic
 from lorakit.fused import use_fused_kernels
 from lorakit.inject import add_adapter, trainable_parameters
 from lorakit.peft_format import save_adapter
 from lorakit.train import data as data_mod
 from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TrainConfig, resume_changes
 from lorakit.train.loss import chunked_cross_entropy
-
-RESULTS_NAME = "results.json"
-METRICS_NAME = "metrics.jsonl"
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished or unfinished run unless asked; never delete a non-run folder."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    is_run = (run_dir / "config.yaml").is_file()
-    if resume:
-        if find_checkpoint(run_dir) is None:
-            raise LorakitError(f"{run_dir}: no checkpoint to resume from; drop --resume to start a new run")
-        return
-    if not overwrite:
-        state = "a finished run" if (run_dir / RESULTS_NAME).is_file() else "an unfinished run (--resume it)"
-        raise LorakitError(f"{run_dir} holds {state if is_run else 'other files'}; "
-                           "pass --overwrite or choose another output folder")
-    if not is_run:
-        raise LorakitError(f"{run_dir} is not empty and is not a lorakit run folder; choose another folder")
-    shutil.rmtree(run_dir)
+from lorakit.train.run_dir import CONFIG_NAME, METRICS_NAME, RESULTS_NAME, RunFolder, check_run_dir
+from lorakit.train.watch import DivergenceWatch, OverfitWatch
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, kind: str) -> Callable[[int], float]:
@@ -213,37 +194,25 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-class OverfitWatch:
-    """Warns when validation loss rises twice in a row while the training loss keeps falling."""
+def nonfinite_message(run_dir: Path, loss: float, step: int, learning_rate: float, kept: bool) -> str:
+    """Why a run stopped on a NaN/inf loss and how to go on (the last checkpoint, if any, is untouched).
 
-    def __init__(self) -> None:
-        self.history: list[tuple[float, float]] = []
-
-    def update(self, train_loss: float, val_loss: float) -> str | None:
-        """Record an evaluation; return a warning message when overfitting shows."""
-        self.history.append((train_loss, val_loss))
-        if len(self.history) < 3:
-            return None
-        (t0, v0), (t1, v1), (t2, v2) = self.history[-3:]
-        if v2 > v1 > v0 and t2 < t0:
-            return (f"validation loss rose {v0:.4f} -> {v2:.4f} while training loss fell {t0:.4f} -> {t2:.4f}: "
-                    "the adapter is overfitting; stop earlier, lower the lr or add data")
-        return None
-
-
-def nonfinite_message(run_dir: Path, loss: float, step: int, learning_rate: float) -> str:
-    """Why a run stopped on a NaN/inf loss and how to go on (the last checkpoint, if any, is untouched)."""
-    checkpoint = find_checkpoint(run_dir)
-    where = (f"the last good checkpoint is kept in {checkpoint}; lower learning_rate (now {learning_rate}) "
-             "and --resume") if checkpoint else \
-        f"no checkpoint was saved yet; lower learning_rate (now {learning_rate}) and start again with --overwrite"
+    `kept`: the run folder stays (it has completed steps); otherwise nothing of this run was kept.
+    """
+    checkpoint = find_checkpoint(run_dir) if kept else None
+    if checkpoint is not None:
+        where = (f"the last good checkpoint is kept in {checkpoint}; lower learning_rate (now {learning_rate}) "
+                 "and --resume")
+    elif kept:
+        where = (f"no checkpoint was saved yet; lower learning_rate (now {learning_rate}) and start again "
+                 "with --overwrite")
+    else:
+        where = f"nothing of this run was kept; lower learning_rate (now {learning_rate}) and start again"
     return f"loss is {loss} at step {step}: training stopped; {where}"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def adapter_bytes(folder: Path) -> int:
@@ -251,44 +220,108 @@ def adapter_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
-def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, model: nn.Module | None = None,
-          tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune a LoRA/QLoRA adapter as `cfg` says; returns the results dict (also in results.json)."""
-    run_dir = Path(cfg.output_dir)
-    # Validate everything cheap before touching the run folder: a bad file must leave nothing behind.
-    if not cfg.train_file:
-        raise LorakitError("train_file is not set: give a JSONL file (chat, Alpaca or text format)")
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the base is held and computed in: bf16 when cfg.bf16, else fp32."""
+    return torch.bfloat16 if cfg.bf16 else torch.float32
+
+
+def load_inputs(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any) -> tuple[nn.Module, Any, list, list, dict]:
+    """(model, tokenizer, train items, validation items, data stats); loads the model unless one is given."""
     train_examples = data_mod.load_examples(cfg.train_file)
     if cfg.val_file:
-        data_mod.load_examples(cfg.val_file)
-    prepare_run_dir(run_dir, overwrite, resume)
-
+        data_mod.load_examples(cfg.val_file)  # a bad validation file fails before the model loads
     if model is None:
         from lorakit.models import load_model
 
-        model, tokenizer = load_model(cfg.model, quantize=cfg.quantize, attn_implementation=cfg.attn_implementation)
-    train_set, val_set, data_stats = data_mod.build_dataset(
+        dtype = compute_dtype(cfg)
+        model, tokenizer = load_model(cfg.model, quantize=cfg.quantize, dtype=dtype, compute_dtype=dtype,
+                                      attn_implementation=cfg.attn_implementation)
+    train_set, val_set, stats = data_mod.build_dataset(
         train_examples, tokenizer, max_seq_len=cfg.max_seq_len, packing=cfg.packing,
         val_file=cfg.val_file, val_fraction=cfg.val_fraction, seed=cfg.seed,
-        train_on_prompt=cfg.train_on_prompt)
-    if not train_set:
-        raise LorakitError(f"{cfg.train_file}: no training example has a token to learn from")
+        train_on_prompt=cfg.train_on_prompt, source=cfg.train_file)
+    return model, tokenizer, train_set, val_set, stats
+
+
+def read_saved_config(run_dir: Path) -> dict[str, Any]:
+    """The run folder's config.yaml as a dict."""
+    try:
+        data = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise LorakitError(f"{run_dir / CONFIG_NAME}: unreadable ({exc.__class__.__name__}); "
+                           "start again with --overwrite") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"{run_dir / CONFIG_NAME}: not a mapping of settings; start again with --overwrite")
+    return data
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, as the DDP-safe path wants)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise LorakitError(f"gradient_checkpointing: {type(model).__name__} has no checkpointing switch; set "
+                           "gradient_checkpointing: false")
+
+
+def describe_changes(changes: dict[str, list[Any]]) -> str:
+    """'key old -> new, ...' for the settings a resume changed."""
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+def config_yaml(cfg: TrainConfig, resumes: list[dict[str, Any]]) -> str:
+    """config.yaml's text: the settings, headed by one comment line per resume that changed some."""
+    history = "".join(f"# resumed at step {r['step']}: {describe_changes(r['changed'])}\n"
+                      for r in resumes if r["changed"])
+    return history + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """The output vocabulary of a causal LM (None if it has no config saying so)."""
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, model: nn.Module | None = None,
+          tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune a LoRA/QLoRA adapter as `cfg` says; returns the results dict (also in results.json).
+
+    Nothing in output_dir changes until the model and data have loaded, and a run replaced with
+    `overwrite` is kept aside until the new run completes its first step (restored if it fails first).
+    """
+    run_dir = Path(cfg.output_dir)
+    if not cfg.train_file:
+        raise LorakitError("train_file is not set: give a JSONL file (chat, Alpaca or text format)")
+    folder_state = check_run_dir(run_dir, overwrite, resume)
+    changes = resume_changes(read_saved_config(run_dir), cfg, str(run_dir / CONFIG_NAME)) if resume else {}
+    model, tokenizer, train_set, val_set, data_stats = load_inputs(cfg, model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    checkpoint = find_checkpoint(run_dir) if resume else None
+    folder = RunFolder(run_dir, folder_state, resume)
+    folder.begin()
+    try:
+        return _run(cfg, folder, model, train_set, val_set, data_stats, pad_id, changes, progress)
+    except BaseException:
+        folder.abort()  # a no-op once the run has completed a step
+        raise
+
+
+def _run(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list, val_set: list,
+         data_stats: dict, pad_id: int, changes: dict, progress: bool) -> dict[str, Any]:
+    run_dir = folder.run_dir
+    checkpoint = find_checkpoint(run_dir) if not folder.fresh else None
     if checkpoint is None:
         torch.manual_seed(cfg.seed)
         add_adapter(model, cfg.lora_config(), name="default")
         state: dict[str, Any] = {"step": 0}
     else:
         state = load_checkpoint(checkpoint, model)
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     model.train()
     use_fused_kernels(model)
     retain_freed_memory()  # every step re-allocates the last one's activations: no page faults for them
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * micro_per_epoch
@@ -308,8 +341,15 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
             group["lr"] = cfg.learning_rate * factor(scheduler.last_epoch)
         set_rng_state(state["rng"])
+    resumes = list(state.get("resumes", []))
+    if checkpoint is not None:
+        resumes.append({"step": step, "changed": changes})
+        if changes:
+            tqdm.write(f"resumed at step {step}: {describe_changes(changes)}")
+    write_text_atomic(run_dir / CONFIG_NAME, config_yaml(cfg, resumes))
     log = MetricsLog(run_dir, step, cfg.tensorboard)
     watch = OverfitWatch()
+    divergence = DivergenceWatch(vocab_size(model), start=state.get("loss_start"))
     trainable, total = trainable_parameters(model)
 
     epoch_orders: dict[int, list[list[int]]] = {}
@@ -322,6 +362,10 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
             epoch_orders.clear()
             epoch_orders[epoch] = data_mod.batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch)
         return data_mod.collate([train_set[i] for i in epoch_orders[epoch][position]], pad_id)
+
+    def extra() -> dict[str, Any]:
+        return {"train_seconds": train_seconds, "last_loss": last_loss, "loss_start": divergence.start,
+                "resumes": resumes}
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     started, train_seconds, tokens_seen = time.time(), float(state.get("train_seconds", 0.0)), 0
@@ -341,11 +385,11 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
                        for micro in range(cfg.gradient_accumulation_steps)]
             step_loss = accumulate_gradients(model, batches, cfg.chunked_loss, cfg.bf16)
             if not math.isfinite(step_loss):
-                raise TrainingStopped(nonfinite_message(run_dir, step_loss, step + 1, cfg.learning_rate))
+                raise TrainingStopped(nonfinite_message(run_dir, step_loss, step + 1, cfg.learning_rate,
+                                                        kept=not folder.fresh))
             if save_due:
                 saving_since = time.perf_counter()
-                save_checkpoint(run_dir, model, optimizer, scheduler, step,
-                                {"train_seconds": train_seconds, "last_loss": last_loss}, rng=step_rng)
+                save_checkpoint(run_dir, model, optimizer, scheduler, step, extra(), rng=step_rng)
                 t0 += time.perf_counter() - saving_since  # the step's speed leaves the write out
                 save_due = False
             step_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
@@ -355,30 +399,42 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            folder.commit()  # the new run trains: the run it replaces (if any) can go
             elapsed = time.perf_counter() - t0
             train_seconds += elapsed
             tokens_seen += step_tokens
             last_loss = step_loss
             record: dict[str, Any] = {"step": step, "loss": round(step_loss, 6),
                                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(step_tokens / elapsed, 1)}
+            diverged = divergence.update(step, step_loss)
+            if diverged:
+                record["warning"] = "diverged"
+                if divergence.diverged_at == step:
+                    tqdm.write(f"warning: {diverged}")
             if val_set and (step % cfg.eval_every == 0 or step == total_steps):
                 val_loss = evaluate_loss(model, val_set, cfg, pad_id)
                 record["val_loss"] = round(val_loss, 6)
                 warning = watch.update(step_loss, val_loss)
                 if warning:
-                    record["warning"] = "overfitting"
+                    record["warning"] = "overfitting" if not diverged else "diverged, overfitting"
                     tqdm.write(f"warning: {warning}")
-            if step % cfg.log_every == 0 or "val_loss" in record or step == total_steps:
+            if step % cfg.log_every == 0 or "val_loss" in record or "warning" in record or step == total_steps:
                 log.write(record)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            postfix = {"loss": f"{step_loss:.4f}", "lr": f"{record['lr']:.2e}",
+                       "tok_s": f"{record['tokens_per_s']:.0f}"}
+            if divergence.diverged_at is not None:
+                postfix["DIVERGED"] = f"step {divergence.diverged_at}"
+            bar.set_postfix(postfix)
             bar.update(1)
             save_due = step % cfg.save_every == 0 and step < total_steps
     except KeyboardInterrupt:
         bar.close()
-        # step_rng: an interrupted step may already have drawn dropout masks; resume redoes it from its start.
-        save_checkpoint(run_dir, model, optimizer, scheduler, step,
-                        {"train_seconds": train_seconds, "last_loss": last_loss}, rng=step_rng)
         log.close()
+        if folder.fresh:
+            raise TrainingInterrupted(f"interrupted before the first step completed: nothing was written to "
+                                      f"{run_dir}") from None
+        # step_rng: an interrupted step may already have drawn dropout masks; resume redoes it from its start.
+        save_checkpoint(run_dir, model, optimizer, scheduler, step, extra(), rng=step_rng)
         raise TrainingInterrupted(f"interrupted at step {step}: checkpoint saved in {run_dir / 'checkpoint'}; "
                                   "continue with --resume") from None
     finally:
@@ -394,10 +450,10 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
         "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - started, 2),
         "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds and tokens_seen else None,
         "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes(adapter_dir),
-        "adapter_dir": str(adapter_dir), "data": data_stats,
+        "adapter_dir": str(adapter_dir), "data": data_stats, "diverged_at_step": divergence.diverged_at,
+        "resumes": resumes,
     }
     # The final checkpoint stays, so a finished run can be extended (raise max_steps, --resume).
-    save_checkpoint(run_dir, model, optimizer, scheduler, step, {"train_seconds": train_seconds,
-                                                                 "last_loss": last_loss})
+    save_checkpoint(run_dir, model, optimizer, scheduler, step, extra())
     _write_json(run_dir / RESULTS_NAME, results)
     return results
