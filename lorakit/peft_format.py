@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,13 +14,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.config import TARGET_SHORTHANDS, LoraConfig, config_from_peft_dict, peft_config_dict
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, LorakitWarning
+from lorakit.fingerprint import base_fingerprint
 from lorakit.inject import _modules_to_save_targets, adapter_configs, add_adapter, resolve_targets
 from lorakit.lora import LoraConv2d, LoraEmbedding, LoraLayer, ModulesToSave, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+FINGERPRINT_KEY = "lorakit.base_fingerprint"  # safetensors metadata; PEFT reads only "format"
+BASE_NAME_KEY = "lorakit.base_model"
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -83,11 +87,48 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
     tensors = adapter_state_dict(model, name)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=base_metadata(model))
         Path(tmp, CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True))
         os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
         os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
     return out
+
+
+def base_metadata(model: nn.Module) -> dict[str, str]:
+    """The safetensors header metadata lorakit writes: PEFT's format tag and what identifies the base."""
+    metadata = {"format": "pt"}
+    fingerprint = base_fingerprint(model)
+    if fingerprint is not None:
+        metadata[FINGERPRINT_KEY] = fingerprint
+    base_name = getattr(model, "lorakit_spec", None) or getattr(model, "name_or_path", None)
+    if base_name:
+        metadata[BASE_NAME_KEY] = str(base_name)
+    return metadata
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata of an adapter folder ({} when it has none)."""
+    file = Path(path)
+    file = file / WEIGHTS_NAME if file.is_dir() else file
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LorakitError(f"{file}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def check_base(model: nn.Module, folder: Path) -> str | None:
+    """A warning message when the adapter in `folder` was saved on a base with other weights, else None."""
+    saved = read_adapter_metadata(folder).get(FINGERPRINT_KEY)
+    if saved is None:
+        return None  # saved by PEFT or an older lorakit: nothing to compare
+    current = base_fingerprint(model)
+    if current is None or current == saved:
+        return None
+    trained_on = read_adapter_metadata(folder).get(BASE_NAME_KEY, "an unnamed base")
+    return (f"{folder}: this adapter was trained on a base with other weights ({trained_on}, fingerprint "
+            f"{saved}; this model's is {current}); it loads, but its outputs will not be the ones it was trained "
+            "for: use the base it was trained on")
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
@@ -208,6 +249,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     except LorakitError as exc:
         raise LorakitError(f"{folder / CONFIG_NAME}: {exc}") from None
     _check_tensors(folder / WEIGHTS_NAME, tensors, expected, model, config)
+    mismatch = check_base(model, folder)
+    if mismatch:
+        warnings.warn(mismatch, LorakitWarning, stacklevel=2)
     add_adapter(model, config, name)
     _copy_adapter_tensors(model, name, tensors, config)
     if not is_trainable:
@@ -239,5 +283,5 @@ def _copy_adapter_tensors(model: nn.Module, name: str, tensors: dict[str, torch.
 
 __all__ = [
     "adapter_state_dict", "save_adapter", "load_adapter", "read_adapter_config", "read_adapter_tensors",
-    "expected_adapter_shapes",
+    "expected_adapter_shapes", "read_adapter_metadata", "check_base",
 ]

@@ -7,8 +7,17 @@ from pathlib import Path
 
 import torch
 
+from lorakit.errors import LorakitError
 from lorakit.lora import lora_scale
-from lorakit.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
+from lorakit.peft_format import (
+    BASE_NAME_KEY,
+    CONFIG_NAME,
+    FINGERPRINT_KEY,
+    WEIGHTS_NAME,
+    read_adapter_config,
+    read_adapter_metadata,
+    read_adapter_tensors,
+)
 
 
 def delta_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
@@ -23,9 +32,26 @@ def effective_rank(values: torch.Tensor, rel: float = 0.01) -> int:
     return int((values > rel * values.max()).sum()) if values.numel() and values.max() > 0 else 0
 
 
+def rank_mismatches(config, tensors: dict[str, torch.Tensor], layers: list[str]) -> list[tuple[str, int, int]]:
+    """(module, config rank, tensor rank) for every layer whose A and B do not have the config's rank."""
+    mismatched = []
+    for key in layers:
+        module = key.removeprefix("base_model.model.")
+        A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        said = config.rank_for(module)
+        if A.shape[0] != said or B.shape[1] != said:
+            mismatched.append((module, said, A.shape[0]))
+    return mismatched
+
+
 def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
     """A readable summary of an adapter folder (config, ranks, counts, size, spectrum)."""
     folder = Path(path)
+    if folder.is_file():
+        raise LorakitError(f"{folder} is a file; pass the adapter folder (the one holding {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME})")
+    if not folder.is_dir():
+        raise LorakitError(f"{folder}: no such adapter folder")
     config = read_adapter_config(folder)
     tensors = read_adapter_tensors(folder)
     size = sum((folder / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME))
@@ -43,13 +69,22 @@ def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
     ]
     if config.rank_pattern:
         lines.append(f"  rank_pattern: {config.rank_pattern}")
+    mismatched = rank_mismatches(config, tensors, layers)
+    if mismatched:
+        module, said, stored = mismatched[0]
+        lines.append(f"  MISMATCH: {len(mismatched)} of {len(layers)} layers have tensors of another rank than "
+                     f"{CONFIG_NAME} says (e.g. {module}: config r={said}, tensors r={stored}); the file pair "
+                     "does not belong together, and loading it will fail")
+    metadata = read_adapter_metadata(folder)
+    if FINGERPRINT_KEY in metadata:
+        lines.append(f"  trained on: {metadata.get(BASE_NAME_KEY, '?')} (base fingerprint {metadata[FINGERPRINT_KEY]})")
     ranks, norms = [], []
     for key in layers:
         module = key.removeprefix("base_model.model.")
         A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
         if A.dim() != 2:
             continue
-        r = config.rank_for(module)
+        r = A.shape[0]  # what the tensors hold; a config that disagrees is reported above
         values = delta_singular_values(B, A, lora_scale(config.alpha_for(module), r, config.use_rslora))
         ranks.append(effective_rank(values))
         norms.append(float(values.norm()))
