@@ -18,6 +18,9 @@ def test_demo_meets_its_targets_and_the_adapter_generates(tmp_path, capsys):
     assert results["heldout_examples"] >= 100
     assert results["base_accuracy"] <= 0.3
     assert results["tuned_accuracy"] >= 0.9
+    # the bar holds on unseen years and spellings too, not only overall
+    assert results["heldout_ood_examples"] >= 100 and len(results["heldout_years"]) == 20
+    assert results["tuned_accuracy_in_distribution"] >= 0.9 and results["tuned_accuracy_ood"] >= 0.9
     assert results["quant_type"] == "nf4" and results["lora"]["r"] == 16
     run = out / "train"
     for artifact in ("config.yaml", "metrics.jsonl", "loss.png", "results.json", "adapter/adapter_config.json",
@@ -27,8 +30,10 @@ def test_demo_meets_its_targets_and_the_adapter_generates(tmp_path, capsys):
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
 
-    example = results["examples"][0]
-    assert main(["generate", "--adapter", str(run / "adapter"), "--system",
-                 "You convert dates to ISO 8601. Reply with the date only, as YYYY-MM-DD.",
-                 "--prompt", example["input"], "--max-new-tokens", "12"]) == 0
-    assert example["expected"] in capsys.readouterr().out
+    # what a user types first: a 19xx year in the two spellings the training set never shows
+    for prompt, expected in (("Date: the 4th of July, 1999", "1999-07-04"), ("Date: Dec 25 1985", "1985-12-25"),
+                             (results["examples"][0]["input"], results["examples"][0]["expected"])):
+        assert main(["generate", "--adapter", str(run / "adapter"), "--system",
+                     "You convert dates to ISO 8601. Reply with the date only, as YYYY-MM-DD.",
+                     "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1].strip() == expected, prompt

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lorakit.errors import LorakitError
 from lorakit.evaluate import exact_match_accuracy, prompt_messages, reference_answer
 from lorakit.train import demo_task
@@ -30,6 +32,17 @@ def demo_config(out_dir: Path, steps: int, batch_size: int) -> TrainConfig:
     )
 
 
+def slice_accuracies(model, tokenizer, in_dist: list[dict], ood: list[dict],
+                     max_new_tokens: int) -> dict[str, tuple[float, list[str]]]:
+    """{"in" | "ood" | "all": (exact match, predictions)} over the two held-out slices (one generation pass)."""
+    accuracy, predictions = exact_match_accuracy(model, tokenizer, in_dist + ood, max_new_tokens=max_new_tokens)
+    split = len(in_dist)
+    scores = [demo_task.score(p, reference_answer(e)) for p, e in zip(predictions, in_dist + ood)]
+    return {"all": (accuracy, predictions),
+            "in": (sum(scores[:split]) / max(1, split), predictions[:split]),
+            "ood": (sum(scores[split:]) / max(1, len(ood)), predictions[split:])}
+
+
 def run_demo(out: str | Path = "runs/demo", steps: int = 120, batch_size: int = 16, n_train: int = 2000,
              n_heldout: int = 100, overwrite: bool = False, progress: bool = True,
              say=print) -> dict[str, Any]:
@@ -41,32 +54,39 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 120, batch_size: int = 
     from lorakit.models import load_model
 
     say("loading SmolLM2-135M-Instruct and quantizing it to NF4 ...")
-    model, tokenizer = load_model("smollm2-135m-instruct", quantize="nf4")
-    train_examples, heldout = demo_task.make_splits(n_train, n_heldout, seed=0)
+    model, tokenizer = load_model("smollm2-135m-instruct", quantize="nf4", dtype=torch.bfloat16)
+    train_examples, in_dist, ood = demo_task.make_splits(n_train, n_heldout, seed=0)
+    heldout = in_dist + ood
     demo_task.write_jsonl(train_examples, out_dir / "data" / "train.jsonl")
-    demo_task.write_jsonl(heldout, out_dir / "data" / "heldout.jsonl")
-    say(f"task: normalise free-form dates to ISO 8601 ({n_train} train / {n_heldout} held-out examples)")
+    demo_task.write_jsonl(in_dist, out_dir / "data" / "heldout.jsonl")
+    demo_task.write_jsonl(ood, out_dir / "data" / "heldout_ood.jsonl")
+    say(f"task: normalise free-form dates (1900-2099) to ISO 8601 ({n_train} train examples; held out: "
+        f"{len(in_dist)} in-distribution, {len(ood)} with unseen years or spellings)")
 
     answer_tokens = demo_task.MAX_NEW_TOKENS
-    base_accuracy, base_predictions = exact_match_accuracy(model, tokenizer, heldout, max_new_tokens=answer_tokens)
-    say(f"base model held-out exact match: {base_accuracy:.2f}")
+    base = slice_accuracies(model, tokenizer, in_dist, ood, answer_tokens)
+    say(f"base model held-out exact match: {base['all'][0]:.2f} (unseen years/spellings {base['ood'][0]:.2f})")
 
     cfg = demo_config(out_dir, steps, batch_size)
     results = train(cfg, overwrite=True, model=model, tokenizer=tokenizer, progress=progress)
-    tuned_accuracy, tuned_predictions = exact_match_accuracy(model, tokenizer, heldout,
-                                                             max_new_tokens=answer_tokens)
-    say(f"tuned model held-out exact match: {tuned_accuracy:.2f}")
+    tuned = slice_accuracies(model, tokenizer, in_dist, ood, answer_tokens)
+    say(f"tuned model held-out exact match: {tuned['all'][0]:.2f} (unseen years/spellings {tuned['ood'][0]:.2f})")
 
     examples = []
-    for example, before, after in list(zip(heldout, base_predictions, tuned_predictions))[:3]:
+    rows = list(zip(heldout, base["all"][1], tuned["all"][1]))
+    for example, before, after in rows[:2] + rows[len(in_dist):len(in_dist) + 3]:
         examples.append({"input": prompt_messages(example)[-1]["content"], "expected": reference_answer(example),
                          "base": before, "tuned": after})
     for row in examples:
         say(f"  {row['input']!r:40}  base: {row['base']!r:24} tuned: {row['tuned']!r}  (expected {row['expected']})")
 
     summary = {
-        "task": "date normalisation to ISO 8601 (exact match)",
-        "base_accuracy": base_accuracy, "tuned_accuracy": tuned_accuracy, "heldout_examples": len(heldout),
+        "task": "date normalisation to ISO 8601 (exact match), 1900-2099, two-digit years by the %y rule",
+        "base_accuracy": base["all"][0], "tuned_accuracy": tuned["all"][0],
+        "base_accuracy_in_distribution": base["in"][0], "tuned_accuracy_in_distribution": tuned["in"][0],
+        "base_accuracy_ood": base["ood"][0], "tuned_accuracy_ood": tuned["ood"][0],
+        "heldout_examples": len(heldout), "heldout_ood_examples": len(ood),
+        "heldout_years": sorted(demo_task.heldout_years(0)), "heldout_forms": list(demo_task.HELDOUT_FORMS),
         "train_examples": len(train_examples), "steps": results["steps"], "batch_size": batch_size,
         "train_seconds": results["train_seconds"], "total_seconds": round(time.time() - started, 1),
         "tokens_per_s": results["tokens_per_s"], "final_loss": results["final_loss"],
