@@ -3,26 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from lorakit.errors import LorakitError
+from lorakit.models import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+
+class Parser(argparse.ArgumentParser):
+    """argparse with lorakit's error contract: one line on stderr, exit 2 (raised, so main() prints it)."""
+
+    def error(self, message: str) -> None:
+        raise LorakitError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _hide_load_bars() -> None:
-    """No transformers "Loading weights" bar: it would bury lorakit's own one-line messages on stderr."""
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _quiet_transformers() -> None:
+    """No transformers load bars or advice lines: they would bury lorakit's own one-line messages on stderr."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from lorakit.files import check_writable
     from lorakit.train.demo import run_demo
 
-    _hide_load_bars()
+    check_writable(Path(args.out), "--out")
+    _quiet_transformers()
     results = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, n_heldout=args.heldout,
                        overwrite=args.overwrite, progress=not args.quiet)
     target_met = results["base_accuracy"] <= 0.3 and results["tuned_accuracy"] >= 0.9
@@ -39,10 +73,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"output_dir={args.out}")
     cfg = load_config(args.config, overrides)
-    _hide_load_bars()
+    _quiet_transformers()
     results = train(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    diverged = results.get("diverged_at_step")
+    warning = f" (DIVERGED at step {diverged}: the adapter is not usable)" if diverged else ""
     print(f"done: {results['steps']} steps, final loss {results['final_loss']:.4f}, "
-          f"adapter in {results['adapter_dir']}")
+          f"adapter in {results['adapter_dir']}{warning}")
     return 0
 
 
@@ -62,7 +98,7 @@ def _load_with_adapters(model_spec: str, adapters: list[str], quantize: str | No
     from lorakit.models import load_model
     from lorakit.peft_format import load_adapter
 
-    _hide_load_bars()
+    _quiet_transformers()
     model, tokenizer = load_model(model_spec, quantize=quantize)
     pairs = _parse_adapters(adapters)
     for name, folder in pairs:
@@ -121,11 +157,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     import torch
 
+    from lorakit.files import check_writable
     from lorakit.inject import unload
 
     out = Path(args.out)
+    check_writable(out, "--out")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LorakitError(f"{out} is not empty; pass --overwrite or choose another --out")
+        raise LorakitError(f"--out {out} is not empty; pass --overwrite or choose another --out")
     model, tokenizer = _load_with_adapters(args.model, args.adapter, None, None)
     model = unload(model, merge=True)
     model.to(getattr(torch, args.dtype))
@@ -167,7 +205,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning, PEFT-compatible.")
+    parser = Parser(prog="lorakit", description="LoRA and QLoRA fine-tuning, PEFT-compatible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -175,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune SmolLM2-135M-Instruct (NF4 base, r=16, all linear layers) to "
                        "normalise dates to ISO 8601; measure held-out exact match before and after.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=120, help="training steps (default: 120)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
-    p.add_argument("--heldout", type=int, default=100, help="held-out examples to score (default: 100)")
+    p.add_argument("--steps", type=positive_int, default=120, help="training steps (default: 120)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples per step (default: 16)")
+    p.add_argument("--heldout", type=positive_int, default=100, help="held-out examples to score (default: 100)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
@@ -201,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--active", metavar="NAME[,NAME]", help="which loaded adapters are active (default: all)")
     p.add_argument("--prompt", help="the user message; omit for an interactive chat")
     p.add_argument("--system", help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--quantize", choices=["nf4", "fp4", "none"], default="none", help="4-bit base (default: none)")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is the raw text")
     p.set_defaults(func=_cmd_generate)
@@ -241,21 +279,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Print each warning as one `lorakit: warning: ...` line (not Python's two-line file:line form)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"lorakit: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _os_error_line(exc: OSError) -> str:
+    """An OSError as 'PATH: reason' (the path it names, if any)."""
+    where = exc.filename if exc.filename is not None else ""
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}" if where else reason
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a subcommand; user errors print one line and exit non-zero."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point: run a subcommand; every failure prints one line and exits non-zero (no traceback)."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
-    try:
-        return args.func(args)
-    except LorakitError as exc:
-        if args.debug:
-            raise
-        print(f"lorakit: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("lorakit: interrupted", file=sys.stderr)
-        return 130
+    with _one_line_warnings():
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        except LorakitError as exc:
+            if debug:
+                raise
+            print(f"lorakit: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("lorakit: interrupted", file=sys.stderr)
+            return 130
+        except OSError as exc:  # the file system said no (disk full, permissions, a path that vanished)
+            if debug:
+                raise
+            print(f"lorakit: error: {_os_error_line(exc)}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # a defect in lorakit or a library: still one line, the traceback on request
+            if debug:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"lorakit: error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback "
+                  "and report it)", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":
