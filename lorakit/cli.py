@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import warnings
@@ -190,16 +191,32 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from lorakit.memory import attention_kind, estimate_from_spec, plot_memory_vs_size
+    from dataclasses import replace
 
-    estimate = estimate_from_spec(args.model, method=args.method, rank=args.rank, batch=args.batch,
-                                  seq_len=args.seq_len, optimizer=args.optimizer,
-                                  gradient_checkpointing=not args.no_gradient_checkpointing,
-                                  attention=attention_kind(args.device, args.seq_len))
-    print(estimate.table())
+    from lorakit.files import check_new_file
+    from lorakit.memory import plot_memory_vs_size
+    from lorakit.train.config import load_config
+    from lorakit.train.estimate import estimate_run
+
+    if args.plot:  # checked before any work, so a bad path costs nothing
+        check_new_file(Path(args.plot), "--plot", suffix=".png")
+    flags = {"model": args.model, "lora.r": args.rank, "batch_size": args.batch, "max_seq_len": args.seq_len,
+             "optimizer": args.optimizer, "gradient_checkpointing": args.gradient_checkpointing}
+    overrides = list(args.set or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = load_config(args.config, overrides)
+    if args.method == "lora":
+        cfg = replace(cfg, quantize=None)
+    elif args.method == "qlora" and cfg.quantize is None:  # a config's fp4 stays fp4
+        cfg = replace(cfg, quantize="nf4")
+    run = estimate_run(cfg, device=args.device, method="full" if args.method == "full" else None,
+                       baseline_bytes=None if args.baseline_mb is None else args.baseline_mb * 1e6)
+    if args.json:
+        print(json.dumps(run.as_json()))
+    else:
+        print(run.table())
     if args.plot:
         plot_memory_vs_size(args.plot)
-        print(f"plot written to {args.plot}")
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -262,18 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="one line per adapted layer with its spectrum")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("estimate", help="predict a run's peak memory (full / LoRA / QLoRA)",
-                       description="Memory estimate from a model's shape: weights, adapter, gradients, "
-                       "optimizer states, activations.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="preset name (e.g. llama-7b), config.json or HF folder")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="qlora")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"], default="adamw")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="where it trains: the CPU uses lorakit's plain attention on short sequences (default: cuda)")
+    from lorakit.train.estimate import JSON_KEYS
+
+    keys = "\n".join(f"  {key:<24} {meaning}" for key, meaning in JSON_KEYS.items())
+    p = sub.add_parser("estimate", help="predict a training run's memory (full / LoRA / QLoRA)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Predict the memory of `lorakit train CONFIG`: weights, adapter, gradients, "
+                       "optimizer,\nactivations, the load peak and the runtime baseline, and the whole process's "
+                       "peak RSS.\nWithout CONFIG the trainer's defaults apply; flags and --set override either.",
+                       epilog=f"--json prints one object with these keys (bytes unless named otherwise):\n{keys}")
+    p.add_argument("config", nargs="?", help="a training config YAML (as for lorakit train)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--model", help=f"preset (e.g. llama-7b), HF folder, config.json or .safetensors "
+                   f"(default: the config's, else {DEFAULT_MODEL})")
+    p.add_argument("--method", choices=["full", "lora", "qlora"],
+                   help="lora = float base, qlora = NF4 base, full = every weight trains (default: the config's; "
+                   "the trainer's default is qlora)")
+    p.add_argument("--rank", type=positive_int, help="LoRA rank (default: the config's, else 16)")
+    p.add_argument("--batch", type=positive_int, help="sequences per step (default: the config's, else 8)")
+    p.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: the config's, else 512)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"],
+                   help="(default: the config's, else adamw)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each layer in backward (default: the config's, else off)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where it trains (default: cpu, where lorakit train runs today)")
+    p.add_argument("--baseline-mb", type=non_negative_float,
+                   help="the runtime's resident memory before any model tensor, in MB (default: measured, 600)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object (keys below)")
     p.add_argument("--plot", metavar="PNG", help="also write memory vs model size for the three methods")
     p.set_defaults(func=_cmd_estimate)
     return parser

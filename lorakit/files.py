@@ -37,10 +37,10 @@ def check_writable(path: Path, what: str) -> None:
 
 def check_new_file(path: Path, what: str, suffix: str | None = None) -> None:
     """Raise unless a file can be written at `path`: the folder exists and is writable, the path is no folder."""
-    if suffix and path.suffix.lower() != suffix:
-        raise LorakitError(f"{what} {path}: expected a {suffix} file name")
     if path.is_dir():
         raise LorakitError(f"{what} {path} is a folder; give a file name")
+    if suffix and path.suffix.lower() != suffix:
+        raise LorakitError(f"{what} {path}: expected a {suffix} file name")
     if not path.parent.is_dir():
         raise LorakitError(f"{what} {path}: the folder {path.parent} does not exist; create it first")
     check_writable(path.parent, what)

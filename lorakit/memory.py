@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -448,16 +448,42 @@ def _is_decoder_linear(name: str) -> bool:
 
 
 def load_shape(model: str) -> ModelShape:
-    """A ModelShape from a preset name, a config.json, or a Hugging Face model folder."""
-    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-    if path.endswith(".json"):
-        if not os.path.isfile(path):
-            raise LorakitError(f"estimate: no config file at {path!r}; pass a preset name or a model folder")
-        with open(path) as f:
-            return ModelShape.from_hf_config(json.load(f))
-    if os.path.isdir(model):
-        raise LorakitError(f"estimate: folder {model!r} has no config.json; pass a Hugging Face model folder")
-    return ModelShape.from_name(model)
+    """The shape of `model` as the trainer names it: the embedded name, a preset, an HF folder, a config.json,
+    or a .safetensors file with its config.json beside it."""
+    lowered = model.strip().lower()
+    if lowered.startswith("smollm2"):
+        return ModelShape.from_name(lowered)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise LorakitError(f"estimate: folder {model} has no config.json; pass a Hugging Face model folder, "
+                               f"a config.json or a preset name")
+    elif path.suffix == ".safetensors":
+        path = path.parent / "config.json"
+    elif path.suffix != ".json":
+        if path.exists():
+            raise LorakitError(f"estimate: {model} is not a config.json, a model folder or a .safetensors file "
+                               f"(a .gguf model: pass the name of a preset with its shape)")
+        return ModelShape.from_name(model)
+    return ModelShape.from_hf_config(read_config_json(path))
+
+
+def read_config_json(path: Path) -> dict:
+    """A config.json as a dict, or a one-line error saying what is wrong with the file."""
+    if not path.is_file():
+        raise LorakitError(f"estimate: no config file at {path}; pass a preset name, a model folder or a config.json")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise LorakitError(f"estimate: {path} is not UTF-8 text; pass a transformers config.json") from None
+    except json.JSONDecodeError as exc:
+        raise LorakitError(f"estimate: {path} is not valid JSON (line {exc.lineno}: {exc.msg}); "
+                           f"pass a transformers config.json") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"estimate: {path} holds a JSON {type(data).__name__}, expected a JSON object "
+                           f"(a transformers config.json)")
+    return data
 
 
 def estimate_from_spec(model: str, **kwargs) -> MemoryEstimate:

@@ -52,6 +52,17 @@ def test_memory_validation_tiny_prints_its_table():
         assert abs(float(row.split("%")[0].split()[-1])) <= 15, row
 
 
+def test_memory_process_tiny_predicts_the_train_processes_max_rss():
+    # Two real `lorakit train` processes; their max RSS (from the kernel) against `lorakit estimate CONFIG --json`.
+    out = run_benchmark("memory_process.py", "--tiny")
+    table = out[out.index("method ckpt"):].splitlines()[2:]
+    assert [row.split()[:2] for row in table] == [["lora", "no"], ["qlora", "yes"]]
+    for row in table:
+        measured, predicted, error = row.split()[5:8]
+        assert float(error.rstrip("%")) == pytest.approx(100 * (float(predicted) / float(measured) - 1), abs=0.1)
+        assert abs(float(error.rstrip("%"))) <= 15, row
+
+
 def test_dequant_tiny_prints_its_table():
     out = run_benchmark("dequant.py", "--tiny")
     assert "method                    ms     GB/s  % copy  vs bnb" in out

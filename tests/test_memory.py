@@ -359,15 +359,16 @@ def test_predicted_peak_matches_a_measured_lorakit_step(method, checkpointing):
     assert abs((held + step_peak) / est.total - 1) <= 0.15, (held + step_peak, est.total)
 
 
-def test_cli_estimate_for_the_cpu_uses_plain_attention(capsys):
+def test_cli_estimate_for_the_cpu_uses_plain_attention_and_the_gpu_sdpa(capsys):
     from lorakit.cli import main
 
     # 1024 tokens (the longest plain attention): the probabilities, 1.4 GB, show at the table's precision
-    args = ["estimate", "--model", "smollm2-135m", "--method", "lora", "--batch", "4", "--seq-len", "1024"]
-    assert main(args) == 0
+    args = ["estimate", "--model", "smollm2-135m", "--method", "lora", "--batch", "4", "--seq-len", "1024",
+            "--gradient-checkpointing"]
+    assert main([*args, "--device", "cuda"]) == 0
     gpu = capsys.readouterr().out
-    assert main([*args, "--device", "cpu"]) == 0
+    assert main(args) == 0  # the CPU is the default device, as for lorakit train
     cpu = capsys.readouterr().out
-    plain = estimate(SMOLLM2, method="lora", batch=4, seq_len=1024, attention="plain")
-    assert f"  {'activations':<15} {plain.activations / 1e9:10.2f} GB" in cpu.splitlines()
-    assert gpu != cpu
+    for attention, out in (("plain", cpu), ("sdpa", gpu)):
+        step = estimate(SMOLLM2, method="lora", batch=4, seq_len=1024, attention=attention)
+        assert f"  {'activations':<22} {step.activations / 1e9:8.3f} GB" in out.splitlines(), attention

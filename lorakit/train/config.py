@@ -177,7 +177,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not file.is_file():
             raise LorakitError(f"{file}: no such config file")
         try:
-            data = yaml.safe_load(file.read_text()) or {}
+            data = yaml.safe_load(file.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError:
+            raise LorakitError(f"{file}: not UTF-8 text; save the config as UTF-8") from None
         except yaml.YAMLError as exc:
             raise LorakitError(f"{file}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):

@@ -243,21 +243,26 @@ def _tokenize_all(examples: list[dict], tokenizer, max_seq_len: int, train_on_pr
     return items
 
 
+def has_empty_answer(example: dict) -> bool:
+    """A chat example whose assistant messages are all empty (or whitespace)."""
+    return "messages" in example and not any(m["content"].strip() for m in example["messages"]
+                                             if m["role"] == "assistant")
+
+
 def empty_answers(examples: Sequence[dict]) -> int:
     """Chat examples whose assistant messages are all empty (or whitespace)."""
-    return sum(1 for example in examples if "messages" in example
-               and not any(m["content"].strip() for m in example["messages"] if m["role"] == "assistant"))
+    return sum(map(has_empty_answer, examples))
 
 
 def check_answers(examples: Sequence[dict], source: str) -> int:
-    """Refuse data whose every answer is empty, warn when some are; returns how many are empty."""
+    """Refuse data whose every answer is empty, warn when some are (they are left out); returns how many."""
     empty = empty_answers(examples)
     if empty and empty == len(examples):
         raise LorakitError(f"{source}: every assistant message is empty, so the adapter would only learn to "
                            "stop at once; fill in the answers")
     if empty:
-        warnings.warn(f"{source}: {empty} of {len(examples)} examples have an empty assistant message; the "
-                      "adapter learns to answer those prompts with nothing", LorakitWarning, stacklevel=2)
+        warnings.warn(f"{source}: {empty} of {len(examples)} examples have an empty assistant message; they are "
+                      "left out (they would teach the adapter to answer with nothing)", LorakitWarning, stacklevel=2)
     return empty
 
 
@@ -275,6 +280,7 @@ def build_dataset(paths_or_examples, tokenizer, max_seq_len: int = 512, packing:
         raise LorakitError("give either val_file or val_fraction, not both")
     examples = _as_examples(paths_or_examples)
     empty = check_answers(examples, str(source))
+    examples = [example for example in examples if not has_empty_answer(example)]
     if val_file is not None:
         val_examples = load_examples(val_file)
     elif val_fraction:
