@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from lorakit.config import TARGET_SHORTHANDS, LoraConfig, config_from_peft_dict, peft_config_dict
@@ -87,11 +87,26 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
     tensors = adapter_state_dict(model, name)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=base_metadata(model))
+        Path(tmp, WEIGHTS_NAME).write_bytes(deterministic_safetensors(tensors, base_metadata(model)))
         Path(tmp, CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True))
         os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
         os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
     return out
+
+
+def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's bytes whose header lists its keys sorted, so equal tensors give equal files.
+
+    safetensors writes the metadata map in a per-process random order; the header is re-serialized with
+    sorted keys (same length: same entries, same compact JSON) and padded as before, so the offsets hold.
+    """
+    data = safetensors_bytes(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:
+        raise AssertionError("re-serialized safetensors header grew")  # same entries, so it cannot
+    return data[:8] + text.ljust(length, b" ") + data[8 + length:]
 
 
 def base_metadata(model: nn.Module) -> dict[str, str]:

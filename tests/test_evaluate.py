@@ -54,7 +54,7 @@ def test_exact_match_strips_only_surrounding_whitespace():
 @pytest.mark.slow
 def test_real_model_batched_equals_one_by_one():
     model, tok = load_model()
-    _, heldout = make_splits(0, 6, seed=11)
+    _, heldout, _ = make_splits(0, 6, seed=11, n_ood=0)
     prompts = [e["messages"][:-1] for e in heldout]
     batched = generate_batch(model, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=6)
     single = [generate_batch(model, tok, [p], max_new_tokens=MAX_NEW_TOKENS)[0] for p in prompts]

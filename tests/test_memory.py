@@ -369,6 +369,6 @@ def test_cli_estimate_for_the_cpu_uses_plain_attention_and_the_gpu_sdpa(capsys):
     gpu = capsys.readouterr().out
     assert main(args) == 0  # the CPU is the default device, as for lorakit train
     cpu = capsys.readouterr().out
-    for attention, out in (("plain", cpu), ("sdpa", gpu)):
-        step = estimate(SMOLLM2, method="lora", batch=4, seq_len=1024, attention=attention)
-        assert f"  {'activations':<22} {step.activations / 1e9:8.3f} GB" in out.splitlines(), attention
+    for kind, out in (("plain", cpu), ("sdpa", gpu)):
+        step = estimate(SMOLLM2, method="lora", batch=4, seq_len=1024, attention=kind)
+        assert f"  {'activations':<22} {step.activations / 1e9:8.3f} GB" in out.splitlines(), kind

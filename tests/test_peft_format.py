@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -288,3 +291,23 @@ def test_save_overwrites_atomically(tmp_path):
     loaded = lk.load_adapter(tiny_llama(), tmp_path)
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=0, rtol=0)
     assert not any(isinstance(m, LoraLayer) and m.merged_adapters for m in loaded.modules())
+
+
+def test_adapter_files_are_byte_stable_and_read_back_with_their_metadata(tmp_path):
+    # safetensors writes its metadata map in a per-process order; lorakit sorts the header (three processes).
+    script = ("import sys, torch; sys.path.insert(0, 'tests'); from conftest import tiny_llama; "
+              "from lorakit.config import LoraConfig; from lorakit.inject import add_adapter; "
+              "from lorakit.peft_format import save_adapter; m = tiny_llama(); torch.manual_seed(0); "
+              "add_adapter(m, LoraConfig(r=4, target_modules='all-linear', init_lora_weights=False)); "
+              "m.name_or_path = 'tiny'; save_adapter(m, sys.argv[1])")
+    root = Path(__file__).resolve().parents[1]
+    files = []
+    for index in range(3):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(index))], cwd=root, check=True)
+        files.append((tmp_path / str(index) / "adapter_model.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]
+    with safe_open(tmp_path / "0" / "adapter_model.safetensors", framework="pt") as handle:
+        metadata = handle.metadata()
+        assert metadata["format"] == "pt" and metadata["lorakit.base_model"] == "tiny"
+        assert len(metadata["lorakit.base_fingerprint"]) == 16
+        assert len(list(handle.keys())) == 2 * 14

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -266,6 +267,11 @@ def enable_checkpointing(model: nn.Module) -> None:
                            "gradient_checkpointing: false")
 
 
+def warn_line(text: str) -> None:
+    """A one-line warning on stderr that leaves the progress bar intact (the CLI's `lorakit: warning:` form)."""
+    tqdm.write(f"lorakit: warning: {text}", file=sys.stderr)
+
+
 def describe_changes(changes: dict[str, list[Any]]) -> str:
     """'key old -> new, ...' for the settings a resume changed."""
     return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
@@ -410,14 +416,14 @@ def _run(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list,
             if diverged:
                 record["warning"] = "diverged"
                 if divergence.diverged_at == step:
-                    tqdm.write(f"warning: {diverged}")
+                    warn_line(diverged)
             if val_set and (step % cfg.eval_every == 0 or step == total_steps):
                 val_loss = evaluate_loss(model, val_set, cfg, pad_id)
                 record["val_loss"] = round(val_loss, 6)
                 warning = watch.update(step_loss, val_loss)
                 if warning:
                     record["warning"] = "overfitting" if not diverged else "diverged, overfitting"
-                    tqdm.write(f"warning: {warning}")
+                    warn_line(warning)
             if step % cfg.log_every == 0 or "val_loss" in record or "warning" in record or step == total_steps:
                 log.write(record)
             postfix = {"loss": f"{step_loss:.4f}", "lr": f"{record['lr']:.2e}",
