@@ -29,9 +29,19 @@ def load_model(spec: str = "smollm2-135m-instruct", **kwargs):
     return _load_model(spec, **kwargs)
 
 
+def __getattr__(name: str):
+    """`lk.AdapterCallback` imports transformers only when asked for."""
+    if name == "AdapterCallback":
+        from lorakit.hf_callback import AdapterCallback
+
+        return AdapterCallback
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCallback",
     "LoraConfig",
     "LorakitError",
     "QuantConfig",
