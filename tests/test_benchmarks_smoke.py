@@ -59,7 +59,8 @@ def test_memory_process_tiny_predicts_the_train_processes_max_rss():
     assert [row.split()[:2] for row in table] == [["lora", "no"], ["qlora", "yes"]]
     for row in table:
         measured, predicted, error = row.split()[5:8]
-        assert float(error.rstrip("%")) == pytest.approx(100 * (float(predicted) / float(measured) - 1), abs=0.1)
+        # the table's MB are rounded, so its error column is recomputed to within that rounding
+        assert float(error.rstrip("%")) == pytest.approx(100 * (float(predicted) / float(measured) - 1), abs=0.3)
         assert abs(float(error.rstrip("%"))) <= 15, row
 
 
