@@ -200,14 +200,17 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     if args.plot:  # checked before any work, so a bad path costs nothing
         check_new_file(Path(args.plot), "--plot", suffix=".png")
-    flags = {"model": args.model, "lora.r": args.rank, "batch_size": args.batch, "max_seq_len": args.seq_len,
-             "optimizer": args.optimizer, "gradient_checkpointing": args.gradient_checkpointing}
-    overrides = list(args.set or []) + [f"{key}={value}" for key, value in flags.items() if value is not None]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, args.set or [])
+    # typed flag values replace the config's (no YAML round trip: a path such as "null" stays a path)
+    flags = {"model": args.model, "batch_size": args.batch, "max_seq_len": args.seq_len, "optimizer": args.optimizer,
+             "gradient_checkpointing": args.gradient_checkpointing,
+             "lora": None if args.rank is None else {**cfg.lora, "r": args.rank}}
+    changes = {key: value for key, value in flags.items() if value is not None}
     if args.method == "lora":
-        cfg = replace(cfg, quantize=None)
+        changes["quantize"] = None
     elif args.method == "qlora" and cfg.quantize is None:  # a config's fp4 stays fp4
-        cfg = replace(cfg, quantize="nf4")
+        changes["quantize"] = "nf4"
+    cfg = replace(cfg, **changes)
     run = estimate_run(cfg, device=args.device, method="full" if args.method == "full" else None,
                        baseline_bytes=None if args.baseline_mb is None else args.baseline_mb * 1e6)
     if args.json:

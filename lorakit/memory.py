@@ -450,9 +450,6 @@ def _is_decoder_linear(name: str) -> bool:
 def load_shape(model: str) -> ModelShape:
     """The shape of `model` as the trainer names it: the embedded name, a preset, an HF folder, a config.json,
     or a .safetensors file with its config.json beside it."""
-    lowered = model.strip().lower()
-    if lowered.startswith("smollm2"):
-        return ModelShape.from_name(lowered)
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"

@@ -174,10 +174,10 @@ def _stream_load(kind: str, path: Path, dtype: torch.dtype, quant) -> nn.Module 
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from lorakit.quant.linear4bit import quantization_targets, quantize_weight
-    from lorakit.streaming import can_stream, meta_parameters, stream_weights, weight_files
+    from lorakit.streaming import SafetensorsFile, can_stream, meta_parameters, stream_weights, weight_files
 
     folder = path if kind == "folder" else path.parent
-    files = weight_files(path) if kind == "folder" else [path]
+    files = [SafetensorsFile(file) for file in (weight_files(path) if kind == "folder" else [path])]
     if not files:
         return None
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -232,9 +232,9 @@ def load_model(
     tokenizer = load_tokenizer(str(path) if kind == "folder" else str(path.parent), cache_dir)
     try:
         model = _stream_load(kind, path, dtype, quant)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, LorakitError):
-            raise
+    except LorakitError:
+        raise
+    except (OSError, ValueError) as exc:  # transformers' words for a config or folder it cannot read
         raise LorakitError(f"model {path}: {str(exc).splitlines()[0]}") from None
     if model is None:  # files transformers must map (renamed keys, .bin weights): its own loader, then quantize
         if kind == "folder":

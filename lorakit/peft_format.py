@@ -134,13 +134,14 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def check_base(model: nn.Module, folder: Path) -> str | None:
     """A warning message when the adapter in `folder` was saved on a base with other weights, else None."""
-    saved = read_adapter_metadata(folder).get(FINGERPRINT_KEY)
+    metadata = read_adapter_metadata(folder)
+    saved = metadata.get(FINGERPRINT_KEY)
     if saved is None:
         return None  # saved by PEFT or an older lorakit: nothing to compare
     current = base_fingerprint(model)
     if current is None or current == saved:
         return None
-    trained_on = read_adapter_metadata(folder).get(BASE_NAME_KEY, "an unnamed base")
+    trained_on = metadata.get(BASE_NAME_KEY, "an unnamed base")
     return (f"{folder}: this adapter was trained on a base with other weights ({trained_on}, fingerprint "
             f"{saved}; this model's is {current}); it loads, but its outputs will not be the ones it was trained "
             "for: use the base it was trained on")

@@ -13,6 +13,7 @@ from lorakit.peft_format import (
     BASE_NAME_KEY,
     CONFIG_NAME,
     FINGERPRINT_KEY,
+    PREFIX,
     WEIGHTS_NAME,
     read_adapter_config,
     read_adapter_metadata,
@@ -36,7 +37,7 @@ def rank_mismatches(config, tensors: dict[str, torch.Tensor], layers: list[str])
     """(module, config rank, tensor rank) for every layer whose A and B do not have the config's rank."""
     mismatched = []
     for key in layers:
-        module = key.removeprefix("base_model.model.")
+        module = key.removeprefix(PREFIX)
         A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
         said = config.rank_for(module)
         if A.shape[0] != said or B.shape[1] != said:

@@ -128,11 +128,11 @@ def meta_parameters() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def can_stream(model: nn.Module, files: list[Path]) -> bool:
+def can_stream(model: nn.Module, files: list[SafetensorsFile]) -> bool:
     """Whether the files hold exactly the model's parameters by name (tied copies aside), so streaming applies."""
     stored = set()
     for file in files:
-        stored |= set(SafetensorsFile(file).entries)
+        stored |= set(file.entries)
     wanted = {name for name, _ in model.named_parameters()}
     buffers = {name for name, _ in model.named_buffers()}
     return wanted <= stored and stored <= wanted | buffers | _tied_names(model)
@@ -145,7 +145,7 @@ def _tied_names(model: nn.Module) -> set[str]:
     return set(every) - first
 
 
-def stream_weights(model: nn.Module, files: list[Path], dtype: torch.dtype,
+def stream_weights(model: nn.Module, files: list[SafetensorsFile], dtype: torch.dtype,
                    quantize: dict[str, Callable[[torch.Tensor, torch.Tensor | None], nn.Module]] | None = None
                    ) -> nn.Module:
     """Fill a meta-parameter model from `files` (see can_stream): floats cast to `dtype`, `quantize`'s linears rebuilt.
@@ -158,9 +158,8 @@ def stream_weights(model: nn.Module, files: list[Path], dtype: torch.dtype,
     params = {name for name, _ in model.named_parameters()}
     buffers = {name for name, _ in model.named_buffers()}
     with torch.no_grad():
-        for file in files:
-            header = SafetensorsFile(file)
-            with file.open("rb") as handle:
+        for header in files:
+            with header.path.open("rb") as handle:
                 for key in header.entries:
                     if key not in params and key not in buffers:
                         continue  # a tied duplicate
@@ -180,7 +179,8 @@ def stream_weights(model: nn.Module, files: list[Path], dtype: torch.dtype,
                     else:
                         module._buffers[leaf] = value
     if builders:
-        raise LorakitError(f"{files[0].parent}: no stored weight for {sorted(builders)[:3]}; the files are incomplete")
+        raise LorakitError(f"{files[0].path.parent}: no stored weight for {sorted(builders)[:3]}; the files are "
+                           "incomplete")
     return model
 
 

@@ -237,7 +237,7 @@ def _run_as_unprivileged(argv: list[str], cwd: Path) -> subprocess.CompletedProc
 
 
 def test_read_only_output_folders_exit_2_before_loading_anything(world):
-    """As a user who may not write there: train's output_dir, merge's --out and demo's --out are refused first."""
+    """As a user who may not write there: train's output_dir (and a replaced run's parent), merge's and demo's --out."""
     shared = Path(tempfile.mkdtemp(prefix="lorakit-ro-"))
     try:
         shutil.copytree(world / "model", shared / "model")
@@ -245,9 +245,14 @@ def test_read_only_output_folders_exit_2_before_loading_anything(world):
         shutil.copy(world / "good.jsonl", shared / "good.jsonl")
         (shared / "home").mkdir()
         (shared / "locked").mkdir()
+        finished = shared / "locked_parent" / "run"  # a finished run that may be written, in a folder that may not
+        finished.mkdir(parents=True)
+        (finished / "config.yaml").write_text("max_steps: 1\n")
+        (finished / "results.json").write_text("{}")
         for path in [shared, *shared.rglob("*")]:
             path.chmod(0o777 if path.name == "home" else (0o755 if path.is_dir() else 0o644))
         (shared / "locked").chmod(0o555)
+        (shared / "locked_parent").chmod(0o555)
         before = snapshot(shared)
         for argv in (
             ["train", "--set", f"train_file={shared / 'good.jsonl'}", "--set", f"model={shared / 'model'}",
@@ -255,6 +260,9 @@ def test_read_only_output_folders_exit_2_before_loading_anything(world):
             ["merge", "--model", str(shared / "model"), "--adapter", str(shared / "adapter"),
              "--out", str(shared / "locked" / "merged")],
             ["demo", "--out", str(shared / "locked" / "demo"), "--quiet"],
+            # --overwrite moves the old run aside by a rename in its parent: refused before the model loads
+            ["train", "--set", f"train_file={shared / 'good.jsonl'}", "--set", f"model={shared / 'model'}",
+             "--out", str(finished), "--overwrite", "--quiet"],
         ):
             result = _run_as_unprivileged(argv, shared)
             lines = result.stderr.strip().splitlines()

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from lorakit.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
@@ -93,6 +94,10 @@ class TrainConfig:
     def lora_config(self) -> LoraConfig:
         """The adapter's LoraConfig (unknown keys are errors with a suggestion)."""
         return LoraConfig.from_dict(self.lora, strict=True, where="lora")
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base is held and computed in: bf16 when `bf16`, else fp32."""
+        return torch.bfloat16 if self.bf16 else torch.float32
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written to the run folder's config.yaml."""

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from lorakit.errors import LorakitError
 from lorakit.memory import (
     GB,
@@ -167,7 +165,7 @@ def estimate_run(cfg: TrainConfig, device: str = "cpu", method: str | None = Non
         raise LorakitError(f"estimate: method must be one of {METHODS}, got {method!r}")
     shape = load_shape(cfg.model)
     lora = cfg.lora_config()
-    compute_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    compute_dtype = cfg.compute_dtype()
     step = estimate(shape, method=method, rank=lora.r, targets=lora.target_modules, batch=cfg.batch_size,
                     seq_len=cfg.max_seq_len, optimizer=cfg.optimizer,
                     gradient_checkpointing=cfg.gradient_checkpointing, compute_dtype=compute_dtype,

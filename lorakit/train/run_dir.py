@@ -78,6 +78,7 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
     if state == FOREIGN:
         raise LorakitError(f"{run_dir} is not empty and is not a lorakit run folder; choose another output_dir")
     if overwrite:
+        check_writable(run_dir.parent, "output_dir's parent")  # the replaced run is moved aside by a rename there
         return state
     advice = {
         FINISHED: "a finished run; pass --overwrite to replace it, --resume with a higher max_steps to extend it",

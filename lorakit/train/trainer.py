@@ -221,11 +221,6 @@ def adapter_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The dtype the base is held and computed in: bf16 when cfg.bf16, else fp32."""
-    return torch.bfloat16 if cfg.bf16 else torch.float32
-
-
 def load_inputs(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any) -> tuple[nn.Module, Any, list, list, dict]:
     """(model, tokenizer, train items, validation items, data stats); loads the model unless one is given."""
     train_examples = data_mod.load_examples(cfg.train_file)
@@ -234,7 +229,7 @@ def load_inputs(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any) -> tu
     if model is None:
         from lorakit.models import load_model
 
-        dtype = compute_dtype(cfg)
+        dtype = cfg.compute_dtype()
         model, tokenizer = load_model(cfg.model, quantize=cfg.quantize, dtype=dtype, compute_dtype=dtype,
                                       attn_implementation=cfg.attn_implementation)
     train_set, val_set, stats = data_mod.build_dataset(

@@ -1,0 +1,89 @@
+"""Streaming load: the same model as transformers' loader (plus quantize_model), one tensor at a time."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+from safetensors.torch import load_file, save_file
+from test_data import tiny_tokenizer
+from test_models import logits, save_tiny
+
+from lorakit import streaming
+from lorakit.errors import LorakitError
+from lorakit.models import load_model
+from lorakit.quant import Linear4bit, QuantConfig, quantize_model
+from lorakit.streaming import SafetensorsFile
+
+
+def test_a_conversion_in_small_chunks_equals_one_cast(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(1000, 37), "b": torch.randn(5), "ids": torch.arange(11)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    monkeypatch.setattr(streaming, "CHUNK_BYTES", 4 * 333)  # 333 values a read: many reads, a short last one
+    header = SafetensorsFile(tmp_path / "t.safetensors")
+    with (tmp_path / "t.safetensors").open("rb") as handle:
+        for key, tensor in tensors.items():
+            got = header.read(handle, key, torch.bfloat16)
+            want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor  # integers never convert
+            assert got.dtype == want.dtype and torch.equal(got, want), key
+            assert torch.equal(header.read(handle, key), tensor)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4", "fp4"])
+def test_streamed_model_equals_load_then_quantize(tmp_path, quantize):
+    original = save_tiny(tmp_path)
+    model, _ = load_model(str(tmp_path), quantize=quantize)
+    if quantize:
+        quantize_model(original, QuantConfig(quant_type=quantize))
+        quantized = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+        reference = {name: m for name, m in original.named_modules() if isinstance(m, Linear4bit)}
+        assert quantized.keys() == reference.keys() and len(quantized) == 14
+        for name, layer in quantized.items():  # the same 4-bit codes and block constants, bit for bit
+            ours, theirs = dict(layer.named_buffers()), dict(reference[name].named_buffers())
+            assert ours.keys() == theirs.keys() and "packed" in ours, name
+            assert all(torch.equal(ours[key], theirs[key]) for key in ours), name
+            assert layer.compute_dtype == reference[name].compute_dtype == torch.bfloat16
+    assert torch.equal(logits(model), logits(original, like=model))
+
+
+def test_a_sharded_folder_streams_every_shard(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    original = tiny_llama()
+    original.save_pretrained(tmp_path, max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    assert streaming.weight_files(tmp_path) == [tmp_path / name for name in dict.fromkeys(index["weight_map"].values())]
+    model, _ = load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)  # transformers' own load
+    assert torch.equal(logits(model), logits(reference, like=model))
+
+
+def test_files_transformers_must_map_fall_back_to_its_loader(tmp_path):
+    original = save_tiny(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.unused_extra"] = torch.zeros(3)  # a key the model does not have: not a plain 1:1 file
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with streaming.meta_parameters():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not streaming.can_stream(skeleton, [SafetensorsFile(tmp_path / "model.safetensors")])
+    model = load_model(str(tmp_path))[0]
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(logits(model), logits(original, like=model))
+
+
+def test_a_truncated_file_is_damaged_not_a_traceback(tmp_path):
+    save_tiny(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(LorakitError, match="truncated at tensor .*damaged"):
+        load_model(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(LorakitError, match="not a readable safetensors file"):
+        load_model(str(tmp_path))
