@@ -57,33 +57,15 @@ def bnb_runner(w: torch.Tensor, blocksize: int, double_quant: bool):
     return run
 
 
-def triton_runner(packed: torch.Tensor, state, device: str):
-    """A callable running lorakit's Triton kernel (CUDA only), or None."""
-    if device != "cuda":
+def kernel_runner(name: str, packed: torch.Tensor, state):
+    """A callable running one of lorakit's dequantization kernels, or None where the dispatch would not use it."""
+    from lorakit.kernels import dequant_4bit
+    from lorakit.kernels.dispatch import TABLE, why_not
+
+    kernel = next(k for k in TABLE[dequant_4bit.OP] if k.name == name)
+    if why_not(kernel, dequant_4bit.OP, packed, state, state.dtype) is not None:
         return None
-    try:
-        from lorakit.quant.triton_dequant import dequantize_4bit_triton
-    except ImportError:
-        return None
-    return lambda: dequantize_4bit_triton(packed, state)
-
-
-def cpu_fused_runner(packed: torch.Tensor, state, device: str):
-    """A callable running lorakit's compiled CPU loop (the portable fast path), or None."""
-    from lorakit.quant import cpu_dequant
-
-    if device != "cpu" or not cpu_dequant.usable(packed, state):
-        return None
-    return lambda: cpu_dequant.dequantize_4bit_cpu(packed, state)
-
-
-def cpu_native_runner(packed: torch.Tensor, state, device: str):
-    """A callable running lorakit's AVX-512 kernel (what training uses on such CPUs), or None."""
-    from lorakit.quant import cpu_native
-
-    if device != "cpu" or not cpu_native.usable(packed, state, state.dtype):
-        return None
-    return lambda: cpu_native.dequantize_4bit_native(packed, state, state.dtype)
+    return lambda: kernel.fn(packed, state, state.dtype)
 
 
 def bench_size(rows: int, cols: int, dtype: torch.dtype, device: str, iters: int, blocksize: int,
@@ -100,9 +82,9 @@ def bench_size(rows: int, cols: int, dtype: torch.dtype, device: str, iters: int
     copy_gbps = 2 * n * w.element_size() / copy_ms / 1e6
     methods = {
         "lorakit reference": lambda: dequantize_4bit_reference(packed, state),
-        "lorakit triton": triton_runner(packed, state, device),
-        "lorakit fused CPU": cpu_fused_runner(packed, state, device),
-        "lorakit AVX-512": cpu_native_runner(packed, state, device),
+        "lorakit triton": kernel_runner("triton", packed, state),
+        "lorakit fused CPU": kernel_runner("compiled_loop", packed, state),
+        "lorakit AVX-512": kernel_runner("avx512", packed, state),
         "bitsandbytes": bnb_runner(w, blocksize, double_quant),
     }
     timings = {name: time_ms(fn, device, iters) for name, fn in methods.items() if fn is not None}

@@ -99,9 +99,9 @@ def predict(config_path: Path, env: dict[str, str]) -> dict:
 
 
 def tiny_model_folder(root: Path) -> str:
-    """A random-init 2-layer Llama folder with the SmolLM2 tokenizer (tests/conftest.py builds it)."""
+    """A random-init 2-layer Llama folder with the SmolLM2 tokenizer (tests/helpers.py builds it)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import build_tiny_model_folder
+    from helpers import build_tiny_model_folder
 
     return str(build_tiny_model_folder(root / "tiny"))
 

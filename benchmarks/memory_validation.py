@@ -25,7 +25,7 @@ import torch
 from train_step import lorakit_model, resident_bytes, token_batch, train_step
 
 import lorakit as lk
-from lorakit.attention import NAME as LORAKIT_ATTENTION
+from lorakit.kernels.attention import NAME as LORAKIT_ATTENTION
 from lorakit.memory import ModelShape, PeakMemoryTracker, allocator_peak_bytes, attention_kind, estimate
 from lorakit.optim import make_optimizer
 from lorakit.train.trainer import causal_lm_loss, enable_checkpointing

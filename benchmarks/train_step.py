@@ -5,9 +5,9 @@
     python benchmarks/train_step.py --tiny                # random-init tiny Llama, 1 step (CI smoke test)
 
 peft-bf16-autocast-eager is the same peft recipe with transformers' "eager" attention, to show how much
-of lorakit's lead comes from its attention choice (lorakit/attention.py) rather than the rest.
+of lorakit's lead comes from its attention choice (lorakit/kernels/attention.py) rather than the rest.
 peft-bf16-autocast-retain is the same peft recipe with the malloc setting lorakit's trainer makes
-(`lorakit.allocator.retain_freed_memory`: freed memory is kept for reuse instead of page-faulting back in
+(`lorakit.kernels.allocator.retain_freed_memory`: freed memory is kept for reuse instead of page-faulting back in
 each step), to show how much of the lead is that setting alone.
 One step = forward + backward + AdamW step (lr 2e-4, no weight decay) + zero_grad, LoRA r=16, alpha 32, all
 linear layers, one fixed random token batch. Each row runs in its own subprocess (`--row NAME`) so rows share
@@ -20,7 +20,9 @@ third quartiles. Last, each row takes one more step under
 buffers, adapter, optimizer state) + the tracker's peak of tensors allocated during the step. "faults/step"
 is the median count of minor page faults in a timed step (`ru_minflt`). "peak RSS MB"
 is the subprocess's `ru_maxrss`, which includes loading the model. lorakit rows step as lorakit's trainer
-does (`causal_lm_loss(chunked=True)` under bf16 autocast, `retain_freed_memory()`); peft rows use
+does (`enable_fast_training`, `causal_lm_loss(chunked=True)` under bf16 autocast); "lorakit-qlora-plain-loop"
+is a user's own loop on a model transformers loaded in bf16: `lk.quantize_model`, `lk.add_adapter`,
+`lk.enable_fast_training`, torch AdamW on `model(input_ids, labels=...).loss` without autocast; peft rows use
 `model(input_ids, labels=...).loss`.
 """
 
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROWS = ("lorakit-lora", "lorakit-qlora", "peft-fp32", "peft-bf16-autocast", "peft-bf16-autocast-eager",
+ROWS = ("lorakit-lora", "lorakit-qlora", "lorakit-qlora-plain-loop", "peft-fp32", "peft-bf16-autocast", "peft-bf16-autocast-eager",
         "peft-bf16-autocast-retain", "peft-bnb-qlora")
 BASELINE = "peft-bf16-autocast"
 RANK, ALPHA, LR = 16, 32, 2e-4
@@ -97,17 +99,16 @@ def build_row(name: str, tiny: bool):
     """(model, optimizer, loss_fn(model, batch)) for one row, adapter added and in train mode."""
     if name.startswith("lorakit"):
         import lorakit as lk
-        from lorakit.allocator import retain_freed_memory
-        from lorakit.fused import use_fused_kernels
         from lorakit.optim import make_optimizer
         from lorakit.train.trainer import causal_lm_loss
 
+        if name == "lorakit-qlora-plain-loop":
+            return plain_loop_row(tiny)
         model = lorakit_model(tiny, torch.bfloat16, "nf4" if name == "lorakit-qlora" else None)
         torch.manual_seed(0)
         lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
         model.train()
-        use_fused_kernels(model)  # as lorakit's trainer does, and:
-        retain_freed_memory()
+        lk.enable_fast_training(model, loss=False)  # as lorakit's trainer does (its loss is causal_lm_loss)
         optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=LR)
 
         def loss_fn(m, batch):
@@ -128,13 +129,42 @@ def build_row(name: str, tiny: bool):
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
     autocast = name.startswith("peft-bf16-autocast")
     if name == "peft-bf16-autocast-retain":
-        from lorakit.allocator import retain_freed_memory
+        from lorakit.kernels.allocator import retain_freed_memory
 
         retain_freed_memory()
 
     def loss_fn(m, batch):
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
             return m(batch["input_ids"], labels=batch["labels"]).loss
+    return model, optimizer, loss_fn
+
+
+def transformers_model(tiny: bool) -> nn.Module:
+    """SmolLM2 (or the tiny stand-in) loaded by transformers itself in bf16, as a user of transformers would."""
+    if tiny:
+        return tiny_model(torch.bfloat16)
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models import convert_gguf, embedded_gguf_path
+
+    folder = convert_gguf(embedded_gguf_path())  # the cached HF copy of the same weights
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, local_files_only=True)
+
+
+def plain_loop_row(tiny: bool):
+    """A user's own loop: transformers model, lk.quantize_model, lk.add_adapter, lk.enable_fast_training, AdamW."""
+    import lorakit as lk
+
+    model = transformers_model(tiny)
+    lk.quantize_model(model, lk.QuantConfig(quant_type="nf4"))
+    torch.manual_seed(0)
+    lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
+    model.train()
+    lk.enable_fast_training(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+
+    def loss_fn(m, batch):
+        return m(batch["input_ids"], labels=batch["labels"]).loss
     return model, optimizer, loss_fn
 
 

@@ -1,8 +1,8 @@
 """lorakit: LoRA and QLoRA fine-tuning of PyTorch models, PEFT-compatible, bitsandbytes-exact."""
 
-from lorakit.attention import use_fast_cpu_attention
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
+from lorakit.fast_training import disable_fast_training, enable_fast_training, use_fast_cpu_attention
 from lorakit.inject import (
     active_adapters,
     add_adapter,
@@ -50,6 +50,8 @@ __all__ = [
     "add_adapter",
     "delete_adapter",
     "disable_adapters",
+    "disable_fast_training",
+    "enable_fast_training",
     "format_trainable_parameters",
     "load_adapter",
     "load_model",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora_node import lora_linear
+from lorakit.kernels.lora_linear import add_low_rank_update, lora_linear
 
 
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -133,30 +133,6 @@ def requantize_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     )
 
 
-def add_low_rank_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """result + scale * x @ A.T @ B.T, in result's dtype.
-
-    fp32 inputs compute in the adapter's dtype, as PEFT does. Half-precision activations keep their
-    dtype and the (fp32 master) adapter weights are cast to it: the thin matmuls then run at bf16
-    speed, like autocast, without a round trip of the activations through fp32. The scale is folded
-    into B ([out, r]) and the add into the second matmul (addmm), which saves two passes over the
-    [tokens, out] output per adapter.
-    """
-    if x.dtype in (torch.bfloat16, torch.float16) and A.dtype != x.dtype:
-        A, B = A.to(x.dtype), B.to(x.dtype)
-    else:
-        x = x.to(A.dtype)
-    h = F.linear(x, A)
-    scaled_B = B * scale
-    device = result.device.type
-    autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else result.dtype
-    if result.dtype == h.dtype == autocast_dtype:
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_B.t())
-        return out.view(result.shape)
-    return result + F.linear(h, scaled_B).to(result.dtype)
-
-
 def _adapter_dtype(base: nn.Module) -> torch.dtype | None:
     """PEFT casts new adapters to the base dtype then upcasts half types to fp32: round through it."""
     dtype = getattr(base, "compute_dtype", None) or getattr(getattr(base, "weight", None), "dtype", None)
@@ -238,10 +214,8 @@ class LoraLinear(LoraLayer):
         live = self._live_adapters()
         if len(live) == 1 and not self.fan_in_fan_out and not args and not kwargs:
             name = live[0]
-            fused = lora_linear(x, self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight,
-                                self.lora_dropout[name], self.scaling[name])
-            if fused is not None:
-                return fused
+            return lora_linear(x, self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight,
+                               self.lora_dropout[name], self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         for name in live:
             A, B = self.lora_A[name].weight, self.lora_B[name].weight

@@ -27,8 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lorakit import attention as attention_module
 from lorakit.errors import LorakitError
+from lorakit.kernels import attention as attention_module
 from lorakit.optim.adamw8bit import bucket_sizes
 
 GB = 1e9

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.attention import IMPLEMENTATIONS, set_attention
 from lorakit.errors import LorakitError
+from lorakit.fast_training import IMPLEMENTATIONS, set_attention
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_NAMES = {"smollm2-135m-instruct", "smollm2-135m"}

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_model_folder, tiny_train_config
+from helpers import build_tiny_model_folder, tiny_train_config
 
 from lorakit.cli import build_parser, main
 from lorakit.config import LoraConfig

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model_folder
+from helpers import build_tiny_model_folder
 
 from lorakit.cli import main
 from lorakit.config import LoraConfig

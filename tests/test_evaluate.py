@@ -1,8 +1,7 @@
 """Batched greedy generation (left padding must not change answers) and exact-match accuracy."""
 
 import pytest
-from conftest import tiny_llama
-from test_data import tiny_tokenizer
+from helpers import tiny_llama, tiny_tokenizer
 
 from lorakit.evaluate import exact_match, exact_match_accuracy, generate_batch
 from lorakit.models import load_model

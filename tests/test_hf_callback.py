@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import build_tiny_model_folder
 from datasets import Dataset
+from helpers import build_tiny_model_folder
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments

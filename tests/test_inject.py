@@ -6,7 +6,7 @@ import io
 import peft
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from torch import nn
 

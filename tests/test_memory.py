@@ -6,11 +6,11 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 import lorakit as lk
-from lorakit import attention
 from lorakit.errors import LorakitError
+from lorakit.kernels import attention
 from lorakit.lora import LoraLinear
 from lorakit.memory import (
     ModelShape,

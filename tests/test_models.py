@@ -4,30 +4,10 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_data import tiny_tokenizer
+from helpers import logits, save_tiny, tiny_llama
 
 from lorakit.errors import LorakitError
 from lorakit.models import embedded_gguf_path, gguf_cache_folder, load_model, resolve_spec
-
-PROMPT = [[3, 9, 10, 11, 4, 5, 6]]
-
-
-def save_tiny(folder, tie=False):
-    """A tiny random Llama and a word-level tokenizer saved the way transformers saves them."""
-    model = tiny_llama(tie=tie)
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return model
-
-
-def logits(model, ids=PROMPT, like=None):
-    """Logits of `ids`; with `like`, first switch to like's attention (load_model picks lorakit's)."""
-    if like is not None:
-        model.set_attn_implementation(like.config._attn_implementation)
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits
-
 
 # ------------------------------------------------------------------------------------------- local files
 

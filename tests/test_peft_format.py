@@ -9,7 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -295,7 +295,7 @@ def test_save_overwrites_atomically(tmp_path):
 
 def test_adapter_files_are_byte_stable_and_read_back_with_their_metadata(tmp_path):
     # safetensors writes its metadata map in a per-process order; lorakit sorts the header (three processes).
-    script = ("import sys, torch; sys.path.insert(0, 'tests'); from conftest import tiny_llama; "
+    script = ("import sys, torch; sys.path.insert(0, 'tests'); from helpers import tiny_llama; "
               "from lorakit.config import LoraConfig; from lorakit.inject import add_adapter; "
               "from lorakit.peft_format import save_adapter; m = tiny_llama(); torch.manual_seed(0); "
               "add_adapter(m, LoraConfig(r=4, target_modules='all-linear', init_lora_weights=False)); "

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from lorakit.cli import main
 from lorakit.config import LoraConfig

@@ -4,10 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import logits, save_tiny, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file, save_file
-from test_data import tiny_tokenizer
-from test_models import logits, save_tiny
 
 from lorakit import streaming
 from lorakit.errors import LorakitError

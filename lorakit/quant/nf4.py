@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.kernels import dequant_4bit as dequant_kernels
 from lorakit.quant.blockwise8 import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 
 # Index -> value, fp32. NF4 is sorted ascending with 0.0 at index 7.
@@ -41,9 +42,9 @@ ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 _CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Elements quantized/dequantized per step: bounds the fp32 temporaries to a few tens of MB,
+# Elements quantized per step: bounds the fp32 temporaries to a few tens of MB,
 # so a 70B model's largest weight never needs several full fp32 copies.
-_CHUNK_ELEMS = 1 << 22
+_CHUNK_ELEMS = dequant_kernels.CHUNK_ELEMS
 _NESTED_BLOCKSIZE = 256
 
 
@@ -212,61 +213,13 @@ def _check_dequant_args(packed: torch.Tensor, state: QuantState, where: str) -> 
                            f"blocks of {state.blocksize} need {-(-n // state.blocksize)}")
 
 
-def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
-    """The packed storage as a flat uint8 tensor (bitsandbytes allows other quant_storage dtypes)."""
-    flat = packed.reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-
-
-def _byte_lut(code: torch.Tensor) -> torch.Tensor:
-    """[256, 2] fp32: byte -> (code of its high nibble, code of its low nibble)."""
-    code = code.float().reshape(-1)
-    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
-
-
 def dequantize_4bit_reference(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """Pure-PyTorch dequantization: code[idx] * absmax[block] in fp32, one cast to state.dtype."""
     _check_dequant_args(packed, state, "dequantize_4bit")
-    data = _as_bytes(packed)
-    absmax = state.absmax_fp32()
-    lut = _byte_lut(state.code.to(data.device))
-    n = math.prod(state.shape)
-    bs = state.blocksize
-    out = torch.empty(n, dtype=state.dtype, device=data.device)
-    chunk = max(bs, _CHUNK_ELEMS // bs * bs)  # elements; a multiple of bs, so chunks start on a block
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        byte_idx = data[start // 2: (stop + 1) // 2].int()  # index_select: ~2-3x faster than lut[idx]
-        values = torch.index_select(lut, 0, byte_idx).view(-1)  # fp32, 2 per byte
-        values = torch.nn.functional.pad(values, (0, -values.numel() % bs)).view(-1, bs)
-        block_absmax = absmax[start // bs: start // bs + values.shape[0]]
-        out[start:stop] = values.mul_(block_absmax.unsqueeze(1)).view(-1)[: stop - start]
-    return out.view(state.shape)
-
-
-@functools.cache
-def _triton_available() -> bool:
-    """True when triton imports (it is optional)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return dequant_kernels.dequantize_reference(packed, state)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize to state.shape, in state.dtype (or `dtype`: as if cast after): Triton on CUDA; for large
-    CPU tensors the AVX-512 kernel or else a compiled loop; otherwise the reference. All give the same bits."""
-    if packed.is_cuda and _triton_available():
-        from lorakit.quant.triton_dequant import dequantize_4bit_triton
-
-        out = dequantize_4bit_triton(packed, state)
-        return out if dtype is None else out.to(dtype)
-    from lorakit.quant import cpu_dequant, cpu_native
-
-    if cpu_dequant.usable(packed, state):  # large CPU tensors: a fast kernel pays
-        if cpu_native.usable(packed, state, dtype or state.dtype):
-            return cpu_native.dequantize_4bit_native(packed, state, dtype or state.dtype)
-        return cpu_dequant.dequantize_4bit_cpu(packed, state, dtype)
-    out = dequantize_4bit_reference(packed, state)
-    return out if dtype is None else out.to(dtype)
+    """Dequantize to state.shape, in state.dtype (or `dtype`: as if cast after); every kernel gives the same bits."""
+    _check_dequant_args(packed, state, "dequantize_4bit")
+    return dequant_kernels.dequantize_4bit(packed, state, dtype or state.dtype)

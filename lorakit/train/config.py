@@ -10,15 +10,17 @@ from typing import Any
 import torch
 import yaml
 
-from lorakit.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
+from lorakit.kernels.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
 
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 QUANT_TYPES = ("nf4", "fp4", None)
 FLOAT_FIELDS = ("val_fraction", "num_epochs", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm")
-BOOL_FIELDS = ("packing", "train_on_prompt", "gradient_checkpointing", "bf16", "chunked_loss", "tensorboard")
+BOOL_FIELDS = ("packing", "train_on_prompt", "gradient_checkpointing", "bf16", "chunked_loss", "fast_kernels",
+               "tensorboard")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _default_lora() -> dict[str, Any]:
@@ -53,6 +55,8 @@ class TrainConfig:
     bf16: bool = True
     chunked_loss: bool = True
     attn_implementation: str = "auto"
+    fast_kernels: bool = True
+    device: str = "auto"
     eval_every: int = 50
     save_every: int = 50
     log_every: int = 1
@@ -66,6 +70,7 @@ class TrainConfig:
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _choice("device", self.device, DEVICES)
         for name in FLOAT_FIELDS:
             setattr(self, name, _as_float(name, getattr(self, name)))
         for name in BOOL_FIELDS:
@@ -98,6 +103,14 @@ class TrainConfig:
     def compute_dtype(self) -> torch.dtype:
         """The dtype the base is held and computed in: bf16 when `bf16`, else fp32."""
         return torch.bfloat16 if self.bf16 else torch.float32
+
+    def torch_device(self) -> torch.device:
+        """The device to train on: `device`, with auto = CUDA when present, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise LorakitError("device: cuda, but PyTorch sees no CUDA device here; set device: cpu or auto")
+        return torch.device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, as written to the run folder's config.yaml."""
@@ -202,7 +215,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # Settings a resumed run may change: the schedule and the bookkeeping. Everything else shapes the adapter,
 # the data order or the optimizer state already saved in the checkpoint.
 RESUME_CHANGEABLE = ("learning_rate", "max_steps", "num_epochs", "warmup_ratio", "lr_scheduler", "max_grad_norm",
-                     "eval_every", "save_every", "log_every", "tensorboard")
+                     "eval_every", "save_every", "log_every", "tensorboard", "fast_kernels", "device")
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,8 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,16 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from lorakit.allocator import retain_freed_memory
 from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
+from lorakit.fast_training import chunked_lm_loss, enable_fast_training
 from lorakit.files import write_text_atomic
-from lorakit.fused import use_fused_kernels
 from lorakit.inject import add_adapter, trainable_parameters
 from lorakit.peft_format import save_adapter
 from lorakit.train import data as data_mod
 from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lorakit.train.config import TrainConfig, resume_changes
-from lorakit.train.loss import chunked_cross_entropy
-from lorakit.train.run_dir import CONFIG_NAME, METRICS_NAME, RESULTS_NAME, RunFolder, check_run_dir
+from lorakit.train.metrics import MetricsLog, plot_losses
+from lorakit.train.run_dir import CONFIG_NAME, RESULTS_NAME, RunFolder, check_run_dir
 from lorakit.train.watch import DivergenceWatch, OverfitWatch
 
 
@@ -52,16 +51,11 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str) -> Callable[[int],
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool) -> torch.Tensor:
     """Mean next-token loss on labelled tokens; chunked over the vocabulary head when possible."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if chunked and isinstance(head, nn.Linear) and head.bias is None and isinstance(backbone, nn.Module):
-        # use_cache=False: load_model leaves the KV cache on for generation; a training forward would
-        # otherwise keep every layer's k and v alive until the loss.
-        out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        hidden = out[0]
-        return chunked_cross_entropy(hidden, head.weight.to(hidden.dtype), batch["labels"])
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                 use_cache=False).loss
+    # use_cache=False: load_model leaves the KV cache on for generation; a training forward would
+    # otherwise keep every layer's k and v alive until the loss.
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    result = chunked_lm_loss(model, batch["labels"], **inputs) if chunked else None
+    return result[0] if result is not None else model(**inputs, labels=batch["labels"]).loss
 
 
 class StopRequest:
@@ -106,7 +100,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     for batch, count in zip(micro_batches, counts):
         if count == 0:
             continue
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = causal_lm_loss(model, batch, chunked)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -121,78 +115,16 @@ def evaluate_loss(model: nn.Module, dataset: list, cfg: TrainConfig, pad_id: int
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for batch in data_mod.batches(dataset, cfg.batch_size, seed=0, group_by_length=True, pad_id=pad_id):
+            batch = {key: value.to(device) for key, value in batch.items()}
             tokens = labelled_tokens(batch)
             if tokens:
                 total += float(causal_lm_loss(model, batch, cfg.chunked_loss)) * tokens
                 count += tokens
     model.train(was_training)
     return total / count if count else float("nan")
-
-
-class MetricsLog:
-    """metrics.jsonl (one line per logged step) plus optional TensorBoard scalars."""
-
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool) -> None:
-        self.path = run_dir / METRICS_NAME
-        if self.path.exists():  # a resumed run rewrites the steps after its checkpoint
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("tensorboard is not installed: no event files (pip install tensorboard)",
-                              stacklevel=2)
-            else:
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record and mirror its numbers to TensorBoard."""
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def records(self) -> list[dict[str, Any]]:
-        """Everything logged so far."""
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def close(self) -> None:
-        """Flush TensorBoard."""
-        if self.writer is not None:
-            self.writer.close()
-
-
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """Write the loss curve (train and validation) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def nonfinite_message(run_dir: Path, loss: float, step: int, learning_rate: float, kept: bool) -> str:
@@ -294,6 +226,7 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     run_dir = Path(cfg.output_dir)
     if not cfg.train_file:
         raise LorakitError("train_file is not set: give a JSONL file (chat, Alpaca or text format)")
+    device = cfg.torch_device()
     folder_state = check_run_dir(run_dir, overwrite, resume)
     changes = resume_changes(read_saved_config(run_dir), cfg, str(run_dir / CONFIG_NAME)) if resume else {}
     model, tokenizer, train_set, val_set, data_stats = load_inputs(cfg, model, tokenizer)
@@ -302,16 +235,78 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     folder = RunFolder(run_dir, folder_state, resume)
     folder.begin()
     try:
-        return _run(cfg, folder, model, train_set, val_set, data_stats, pad_id, changes, progress)
+        run = setup(cfg, folder, model.to(device), train_set, val_set, data_stats, pad_id, changes)
+        run_steps(run, progress)
+        return finish(run)
     except BaseException:
         folder.abort()  # a no-op once the run has completed a step
         raise
 
 
-def _run(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list, val_set: list,
-         data_stats: dict, pad_id: int, changes: dict, progress: bool) -> dict[str, Any]:
-    run_dir = folder.run_dir
-    checkpoint = find_checkpoint(run_dir) if not folder.fresh else None
+@dataclass
+class Run:
+    """One training run in progress: what setup built and what the steps update."""
+
+    cfg: TrainConfig
+    folder: RunFolder
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_set: list
+    val_set: list
+    data_stats: dict
+    pad_id: int
+    step: int
+    total_steps: int
+    resumes: list
+    log: MetricsLog
+    divergence: DivergenceWatch
+    watch: OverfitWatch = field(default_factory=OverfitWatch)
+    train_seconds: float = 0.0
+    tokens_seen: int = 0
+    last_loss: float = float("nan")
+    val_loss: float = float("nan")
+    started: float = field(default_factory=time.time)
+    # A periodic checkpoint is written one step late, once the next step's loss is finite: after a NaN
+    # stop the kept checkpoint holds weights that still gave a finite loss, not the ones that blew up.
+    save_due: bool = False
+    step_rng: dict = field(default_factory=rng_state)
+    epoch_orders: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the batches go: the device of the trainable parameters."""
+        return next(p for p in self.model.parameters() if p.requires_grad).device
+
+    @property
+    def micro_per_epoch(self) -> int:
+        """Micro-batches in one pass over the training set."""
+        return math.ceil(len(self.train_set) / self.cfg.batch_size)
+
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """The index-th micro-batch; the data position is this counter alone, so resuming needs nothing else."""
+        epoch, position = divmod(index, self.micro_per_epoch)
+        if epoch not in self.epoch_orders:
+            self.epoch_orders.clear()
+            lengths = [len(item["input_ids"]) for item in self.train_set]
+            self.epoch_orders[epoch] = data_mod.batch_order(lengths, self.cfg.batch_size, seed=self.cfg.seed + epoch)
+        batch = data_mod.collate([self.train_set[i] for i in self.epoch_orders[epoch][position]], self.pad_id)
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def extra(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the weights and the optimizer."""
+        return {"train_seconds": self.train_seconds, "last_loss": self.last_loss, "loss_start": self.divergence.start,
+                "resumes": self.resumes}
+
+    def checkpoint(self, rng: dict | None = None) -> None:
+        """Save the checkpoint of the steps taken so far."""
+        save_checkpoint(self.folder.run_dir, self.model, self.optimizer, self.scheduler, self.step, self.extra(),
+                        rng=rng)
+
+
+def prepare_model(cfg: TrainConfig, folder: RunFolder, model: nn.Module) -> dict[str, Any]:
+    """A fresh adapter or the checkpoint's, checkpointing and fast paths on; returns the checkpoint's state."""
+    checkpoint = find_checkpoint(folder.run_dir) if not folder.fresh else None
     if checkpoint is None:
         torch.manual_seed(cfg.seed)
         add_adapter(model, cfg.lora_config(), name="default")
@@ -321,20 +316,22 @@ def _run(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list,
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    use_fused_kernels(model)
-    retain_freed_memory()  # every step re-allocates the last one's activations: no page faults for them
+    if cfg.fast_kernels:  # the loss is the chunked_loss key's (causal_lm_loss), attention the attn key's
+        enable_fast_training(model, attention=cfg.attn_implementation == "auto", loss=False)
+    state["resumed"] = checkpoint is not None
+    return state
 
-    micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * micro_per_epoch
-                                                    / cfg.gradient_accumulation_steps))
+
+def make_schedule(cfg: TrainConfig, model: nn.Module, total_steps: int,
+                  state: dict[str, Any]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and learning-rate schedule, restored from the checkpoint's state when resuming."""
     from lorakit.optim import make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.lr_scheduler))
-    step = int(state["step"])
-    if checkpoint is not None:
+    if state["resumed"]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         # The config's peak lr wins over the checkpoint's, so "lower learning_rate and --resume" works.
@@ -342,119 +339,134 @@ def _run(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list,
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
             group["lr"] = cfg.learning_rate * factor(scheduler.last_epoch)
         set_rng_state(state["rng"])
+    return optimizer, scheduler
+
+
+def setup(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list, val_set: list, data_stats: dict,
+          pad_id: int, changes: dict) -> Run:
+    """Adapter, optimizer, schedule and logs of a new or resumed run; writes config.yaml."""
+    state = prepare_model(cfg, folder, model)
+    micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * micro_per_epoch
+                                                    / cfg.gradient_accumulation_steps))
+    optimizer, scheduler = make_schedule(cfg, model, total_steps, state)
+    step = int(state["step"])
     resumes = list(state.get("resumes", []))
-    if checkpoint is not None:
+    if state["resumed"]:
         resumes.append({"step": step, "changed": changes})
         if changes:
             tqdm.write(f"resumed at step {step}: {describe_changes(changes)}")
-    write_text_atomic(run_dir / CONFIG_NAME, config_yaml(cfg, resumes))
-    log = MetricsLog(run_dir, step, cfg.tensorboard)
-    watch = OverfitWatch()
-    divergence = DivergenceWatch(vocab_size(model), start=state.get("loss_start"))
-    trainable, total = trainable_parameters(model)
+    write_text_atomic(folder.run_dir / CONFIG_NAME, config_yaml(cfg, resumes))
+    run = Run(cfg, folder, model, optimizer, scheduler, train_set, val_set, data_stats, pad_id, step, total_steps,
+              resumes, MetricsLog(folder.run_dir, step, cfg.tensorboard),
+              DivergenceWatch(vocab_size(model), start=state.get("loss_start")))
+    run.train_seconds = float(state.get("train_seconds", 0.0))
+    run.last_loss = float(state.get("last_loss", float("nan")))
+    return run
 
-    epoch_orders: dict[int, list[list[int]]] = {}
-    lengths = [len(item["input_ids"]) for item in train_set]
 
-    def micro_batch(index: int) -> dict[str, torch.Tensor]:
-        # The data position is the micro-batch counter alone: resuming needs nothing else.
-        epoch, position = divmod(index, micro_per_epoch)
-        if epoch not in epoch_orders:
-            epoch_orders.clear()
-            epoch_orders[epoch] = data_mod.batch_order(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-        return data_mod.collate([train_set[i] for i in epoch_orders[epoch][position]], pad_id)
+def train_step(run: Run) -> dict[str, Any]:
+    """One optimizer step (its micro-batches, clipping, the delayed checkpoint); returns its metrics record."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    batches = [run.micro_batch(run.step * cfg.gradient_accumulation_steps + micro)
+               for micro in range(cfg.gradient_accumulation_steps)]
+    step_loss = accumulate_gradients(run.model, batches, cfg.chunked_loss, cfg.bf16)
+    if not math.isfinite(step_loss):
+        raise TrainingStopped(nonfinite_message(run.folder.run_dir, step_loss, run.step + 1, cfg.learning_rate,
+                                                kept=not run.folder.fresh))
+    if run.save_due:
+        saving_since = time.perf_counter()
+        run.checkpoint(rng=run.step_rng)
+        t0 += time.perf_counter() - saving_since  # the step's speed leaves the write out
+        run.save_due = False
+    step_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]],
+                                       cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.folder.commit()  # the new run trains: the run it replaces (if any) can go
+    elapsed = time.perf_counter() - t0
+    run.train_seconds += elapsed
+    run.tokens_seen += step_tokens
+    run.last_loss = step_loss
+    return {"step": run.step, "loss": round(step_loss, 6), "lr": run.scheduler.get_last_lr()[0],
+            "tokens_per_s": round(step_tokens / elapsed, 1)}
 
-    def extra() -> dict[str, Any]:
-        return {"train_seconds": train_seconds, "last_loss": last_loss, "loss_start": divergence.start,
-                "resumes": resumes}
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    started, train_seconds, tokens_seen = time.time(), float(state.get("train_seconds", 0.0)), 0
-    last_loss = float(state.get("last_loss", float("nan")))
-    val_loss = float("nan")
-    # A periodic checkpoint is written one step late, once the next step's loss is finite: after a NaN
-    # stop the kept checkpoint holds weights that still gave a finite loss, not the ones that blew up.
-    save_due, step_rng = False, rng_state()
+def watch_step(run: Run, record: dict[str, Any]) -> None:
+    """Divergence and overfitting checks (validating when due); warnings go into the record and on stderr."""
+    diverged = run.divergence.update(run.step, run.last_loss)
+    if diverged:
+        record["warning"] = "diverged"
+        if run.divergence.diverged_at == run.step:
+            warn_line(diverged)
+    if run.val_set and (run.step % run.cfg.eval_every == 0 or run.step == run.total_steps):
+        run.val_loss = evaluate_loss(run.model, run.val_set, run.cfg, run.pad_id)
+        record["val_loss"] = round(run.val_loss, 6)
+        warning = run.watch.update(run.last_loss, run.val_loss)
+        if warning:
+            record["warning"] = "overfitting" if not diverged else "diverged, overfitting"
+            warn_line(warning)
+
+
+def run_steps(run: Run, progress: bool) -> None:
+    """Step until total_steps with a progress bar; Ctrl-C stops at a step boundary with a checkpoint."""
+    cfg = run.cfg
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
     stop = StopRequest()
     try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            step_rng = rng_state()
+        while run.step < run.total_steps:
+            run.step_rng = rng_state()
             if stop.requested:
                 raise KeyboardInterrupt  # at a step boundary: the checkpoint is exactly `step` steps in
-            batches = [micro_batch(step * cfg.gradient_accumulation_steps + micro)
-                       for micro in range(cfg.gradient_accumulation_steps)]
-            step_loss = accumulate_gradients(model, batches, cfg.chunked_loss, cfg.bf16)
-            if not math.isfinite(step_loss):
-                raise TrainingStopped(nonfinite_message(run_dir, step_loss, step + 1, cfg.learning_rate,
-                                                        kept=not folder.fresh))
-            if save_due:
-                saving_since = time.perf_counter()
-                save_checkpoint(run_dir, model, optimizer, scheduler, step, extra(), rng=step_rng)
-                t0 += time.perf_counter() - saving_since  # the step's speed leaves the write out
-                save_due = False
-            step_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            folder.commit()  # the new run trains: the run it replaces (if any) can go
-            elapsed = time.perf_counter() - t0
-            train_seconds += elapsed
-            tokens_seen += step_tokens
-            last_loss = step_loss
-            record: dict[str, Any] = {"step": step, "loss": round(step_loss, 6),
-                                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(step_tokens / elapsed, 1)}
-            diverged = divergence.update(step, step_loss)
-            if diverged:
-                record["warning"] = "diverged"
-                if divergence.diverged_at == step:
-                    warn_line(diverged)
-            if val_set and (step % cfg.eval_every == 0 or step == total_steps):
-                val_loss = evaluate_loss(model, val_set, cfg, pad_id)
-                record["val_loss"] = round(val_loss, 6)
-                warning = watch.update(step_loss, val_loss)
-                if warning:
-                    record["warning"] = "overfitting" if not diverged else "diverged, overfitting"
-                    warn_line(warning)
-            if step % cfg.log_every == 0 or "val_loss" in record or "warning" in record or step == total_steps:
-                log.write(record)
-            postfix = {"loss": f"{step_loss:.4f}", "lr": f"{record['lr']:.2e}",
+            record = train_step(run)
+            watch_step(run, record)
+            if (run.step % cfg.log_every == 0 or "val_loss" in record or "warning" in record
+                    or run.step == run.total_steps):
+                run.log.write(record)
+            postfix = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
                        "tok_s": f"{record['tokens_per_s']:.0f}"}
-            if divergence.diverged_at is not None:
-                postfix["DIVERGED"] = f"step {divergence.diverged_at}"
+            if run.divergence.diverged_at is not None:
+                postfix["DIVERGED"] = f"step {run.divergence.diverged_at}"
             bar.set_postfix(postfix)
             bar.update(1)
-            save_due = step % cfg.save_every == 0 and step < total_steps
+            run.save_due = run.step % cfg.save_every == 0 and run.step < run.total_steps
     except KeyboardInterrupt:
         bar.close()
-        log.close()
-        if folder.fresh:
+        run.log.close()
+        if run.folder.fresh:
             raise TrainingInterrupted(f"interrupted before the first step completed: nothing was written to "
-                                      f"{run_dir}") from None
+                                      f"{run.folder.run_dir}") from None
         # step_rng: an interrupted step may already have drawn dropout masks; resume redoes it from its start.
-        save_checkpoint(run_dir, model, optimizer, scheduler, step, extra(), rng=step_rng)
-        raise TrainingInterrupted(f"interrupted at step {step}: checkpoint saved in {run_dir / 'checkpoint'}; "
-                                  "continue with --resume") from None
+        run.checkpoint(rng=run.step_rng)
+        raise TrainingInterrupted(f"interrupted at step {run.step}: checkpoint saved in "
+                                  f"{run.folder.run_dir / 'checkpoint'}; continue with --resume") from None
     finally:
         stop.restore()
     bar.close()
-    log.close()
+    run.log.close()
 
-    adapter_dir = save_adapter(model, run_dir / "adapter", name="default")
-    records = log.records()
-    plot_losses(records, run_dir / "loss.png")
+
+def finish(run: Run) -> dict[str, Any]:
+    """Save the adapter, plot the loss, keep the final checkpoint and write results.json; returns the results."""
+    run_dir = run.folder.run_dir
+    adapter_dir = save_adapter(run.model, run_dir / "adapter", name="default")
+    plot_losses(run.log.records(), run_dir / "loss.png")
+    trainable, total = trainable_parameters(run.model)
     results = {
-        "steps": step, "final_loss": last_loss, "val_loss": None if math.isnan(val_loss) else val_loss,
-        "train_seconds": round(train_seconds, 2), "wall_seconds": round(time.time() - started, 2),
-        "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds and tokens_seen else None,
+        "steps": run.step, "final_loss": run.last_loss, "val_loss": None if math.isnan(run.val_loss) else run.val_loss,
+        "train_seconds": round(run.train_seconds, 2), "wall_seconds": round(time.time() - run.started, 2),
+        "tokens_per_s": (round(run.tokens_seen / run.train_seconds, 1) if run.train_seconds and run.tokens_seen
+                         else None),
         "trainable_params": trainable, "total_params": total, "adapter_bytes": adapter_bytes(adapter_dir),
-        "adapter_dir": str(adapter_dir), "data": data_stats, "diverged_at_step": divergence.diverged_at,
-        "resumes": resumes,
+        "adapter_dir": str(adapter_dir), "data": run.data_stats, "diverged_at_step": run.divergence.diverged_at,
+        "resumes": run.resumes,
     }
     # The final checkpoint stays, so a finished run can be extended (raise max_steps, --resume).
-    save_checkpoint(run_dir, model, optimizer, scheduler, step, extra())
+    run.checkpoint()
     _write_json(run_dir / RESULTS_NAME, results)
     return results

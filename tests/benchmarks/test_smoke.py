@@ -1,0 +1,102 @@
+"""The benchmark scripts still run: each --tiny mode exits 0 and prints its table (subprocesses, ~1 min)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    """Run benchmarks/<script> with args; return its stdout, failing the test on a non-zero exit."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def test_train_step_tiny_prints_its_table(tmp_path):
+    # Three rows (a subprocess each, ~5 s apiece, timed in two interleaved rounds) cover lorakit,
+    # peft + bitsandbytes and the ratio baseline.
+    json_path = tmp_path / "rows.json"
+    rows_arg = "lorakit-qlora,peft-bnb-qlora,peft-bf16-autocast"
+    out = run_benchmark("train_step.py", "--tiny", "--rows", rows_arg, "--steps", "2", "--json", str(json_path))
+    assert "row                         tokens/s vs peft bf16" in out
+    table = out[out.index("tokens/s vs peft bf16"):].splitlines()
+    rows = {line.split()[0]: line.split() for line in table[2:] if line.strip()}
+    assert set(rows) == {"lorakit-qlora", "peft-bnb-qlora", "peft-bf16-autocast"}
+    # median ratio, paired ratio and the paired ratios' quartiles
+    assert rows["peft-bf16-autocast"][2:5] == ["1.00x", "1.00x", "1.00-1.00"]
+    for row in rows.values():
+        q1, q3 = (float(x) for x in row[4].split("-"))
+        assert q1 <= float(row[3].rstrip("x")) <= q3
+    assert all(float(row[1]) > 0 and float(row[7]) > 0 for row in rows.values())  # tokens/s, peak tensor MB
+    assert all(int(row[6].replace(",", "")) >= 0 for row in rows.values())  # page faults per step
+    # Same weights, same batch, same adapter size: both sides train the same thing.
+    assert rows["lorakit-qlora"][-1] == rows["peft-bnb-qlora"][-1] == "32,768"
+    assert float(rows["lorakit-qlora"][-2]) == pytest.approx(float(rows["peft-bnb-qlora"][-2]), abs=0.02)
+    summary = json.loads(json_path.read_text())
+    assert [len(row["seconds"]) for row in summary["rows"]] == [2, 2, 2]  # one step per row per round
+    assert all(row["peak_tensor_bytes"] > 0 for row in summary["rows"])
+
+
+def test_memory_validation_tiny_prints_its_table():
+    out = run_benchmark("memory_validation.py", "--tiny")
+    assert "measured MB predicted MB   error tracker MB" in out
+    rows = [line for line in out.splitlines() if line.startswith(("lora ", "qlora "))]
+    assert len(rows) == 4  # two progress lines and two table rows
+    for row in rows:  # the estimate within 15% of the allocator's measured peak
+        assert abs(float(row.split("%")[0].split()[-1])) <= 15, row
+
+
+def test_memory_process_tiny_predicts_the_train_processes_max_rss():
+    # Two real `lorakit train` processes; their max RSS (from the kernel) against `lorakit estimate CONFIG --json`.
+    out = run_benchmark("memory_process.py", "--tiny")
+    table = out[out.index("method ckpt"):].splitlines()[2:]
+    assert [row.split()[:2] for row in table] == [["lora", "no"], ["qlora", "yes"]]
+    for row in table:
+        measured, predicted, error = row.split()[5:8]
+        # the table's MB are rounded, so its error column is recomputed to within that rounding
+        assert float(error.rstrip("%")) == pytest.approx(100 * (float(predicted) / float(measured) - 1), abs=0.3)
+        assert abs(float(error.rstrip("%"))) <= 15, row
+
+
+def test_dequant_tiny_prints_its_table():
+    out = run_benchmark("dequant.py", "--tiny")
+    assert "method                    ms     GB/s  % copy  vs bnb" in out
+    assert "lorakit reference" in out
+
+
+def test_quant_error_tiny_prints_its_table():
+    out = run_benchmark("quant_error.py", "--tiny")
+    assert "| weights | MSE | MSE / mean(w^2) |" in out
+    assert "| model (linears) | perplexity | bytes/weight of linears | seconds |" in out
+    assert "Weights not stored in 4 bits" in out and "| INT4 (absmax/7), bf16 compute |" in out
+    # NF4's code beats FP4's on every weight set (three tables), the random-init tiny weights included
+    nf4 = [float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| NF4 |")]
+    fp4 = [float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| FP4 |")]
+    assert len(nf4) == len(fp4) == 3 and all(n < f for n, f in zip(nf4, fp4))
+
+
+def test_optim_step_tiny_prints_its_table(tmp_path):
+    json_path = tmp_path / "optim_step.json"
+    out = run_benchmark("optim_step.py", "--tiny", "--json", str(json_path))
+    assert "optimizer                                 step ms  vs bnb  paired state B/param" in out
+    results = json.loads(json_path.read_text())
+    rows = results["rows"]
+    assert list(rows) == ["lorakit AdamW8bit", "lorakit AdamW8bit, one tensor at a time", "bitsandbytes AdamW8bit",
+                          "torch AdamW (fused)", "torch AdamW (foreach)"]
+    assert results["steps"] == 3 and results["min_8bit_size"] == 256 and results["tensors"] == 28
+    assert all(len(row["seconds"]) == 3 and row["median_ms"] > 0 for row in rows.values())
+    assert rows["bitsandbytes AdamW8bit"]["vs_baseline"] == rows["bitsandbytes AdamW8bit"]["paired"] == 1.0
+    # Every tiny adapter tensor is 8-bit in whole blocks: 2 x (1 byte + a 4-byte absmax per 256); fp32 AdamW 8.
+    assert rows["lorakit AdamW8bit"]["state_bytes_per_param"] == 2 * (1 + 4 / 256)
+    assert rows["lorakit AdamW8bit, one tensor at a time"]["state_bytes_per_param"] == 2 * (1 + 4 / 256)
+    assert rows["torch AdamW (fused)"]["state_bytes_per_param"] == rows["torch AdamW (foreach)"][
+        "state_bytes_per_param"] == 8.0
+    # bitsandbytes also keeps its two 256-entry fp32 code maps (shared by every tensor, counted once)
+    expected_bnb = 2 * (1 + 4 / 256) + 2 * 256 * 4 / results["params"]
+    assert rows["bitsandbytes AdamW8bit"]["state_bytes_per_param"] == pytest.approx(expected_bnb)
