@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROWS = ("lorakit-lora", "lorakit-qlora", "lorakit-qlora-plain-loop", "peft-fp32", "peft-bf16-autocast", "peft-bf16-autocast-eager",
-        "peft-bf16-autocast-retain", "peft-bnb-qlora")
+ROWS = ("lorakit-lora", "lorakit-qlora", "lorakit-qlora-plain-loop", "peft-fp32", "peft-bf16-autocast",
+        "peft-bf16-autocast-eager", "peft-bf16-autocast-retain", "peft-bnb-qlora")
 BASELINE = "peft-bf16-autocast"
 RANK, ALPHA, LR = 16, 32, 2e-4
 RESULT_TAG, STEP_TAG, READY = "ROW_RESULT ", "ROW_STEP ", "ROW_READY"

@@ -60,7 +60,7 @@ def retaining() -> bool:
 
 
 def restore_default_allocator() -> bool:
-    """Put glibc's default trim and mmap thresholds back and hand the memory kept meanwhile back; False where not glibc."""
+    """Put glibc's default thresholds back and return the memory kept meanwhile; False where not glibc."""
     libc = _libc()
     if libc is None:
         return False

@@ -20,7 +20,8 @@ def _example_state(device: str) -> Any:
     state2 = types.SimpleNamespace(absmax=torch.ones(n // 64 // 256, device=device))
     return types.SimpleNamespace(absmax=torch.zeros(n // 64, dtype=torch.uint8, device=device),
                                  shape=(INTERMEDIATE, HIDDEN), dtype=torch.bfloat16, blocksize=64,
-                                 code=torch.zeros(16, device=device), offset=torch.zeros((), device=device), state2=state2, nested=True)
+                                 code=torch.zeros(16, device=device), offset=torch.zeros((), device=device),
+                                 state2=state2, nested=True)
 
 
 def example_inputs(device: str) -> dict[str, tuple]:
