@@ -26,8 +26,9 @@ from train_step import lorakit_model, resident_bytes, token_batch, train_step
 
 import lorakit as lk
 from lorakit.kernels.attention import NAME as LORAKIT_ATTENTION
-from lorakit.memory import ModelShape, PeakMemoryTracker, allocator_peak_bytes, attention_kind, estimate
+from lorakit.memory import ModelShape, StepSettings, attention_kind, estimate
 from lorakit.optim import make_optimizer
+from lorakit.profiling import PeakMemoryTracker, allocator_peak_bytes
 from lorakit.train.trainer import causal_lm_loss, enable_checkpointing
 
 CE_CHUNK = 1024  # chunked_cross_entropy's default chunk
@@ -66,10 +67,11 @@ def loss_fn(model, batch):
 
 def predict(shape: ModelShape, config: Config, attention: str):
     """estimate() with this configuration's settings (bf16 compute, fp32 adapter, chunked CE of 1024)."""
-    return estimate(shape, method=config.method, rank=config.rank, targets="all-linear",
-                    batch=config.batch, seq_len=config.seq, optimizer=config.optimizer,
-                    gradient_checkpointing=config.checkpointing, compute_dtype=torch.bfloat16,
-                    param_dtype=torch.float32, chunked_ce=True, ce_chunk=CE_CHUNK, attention=attention)
+    settings = StepSettings(method=config.method, rank=config.rank, targets="all-linear", batch=config.batch,
+                            seq_len=config.seq, optimizer=config.optimizer,
+                            gradient_checkpointing=config.checkpointing, compute_dtype=torch.bfloat16,
+                            param_dtype=torch.float32, chunked_ce=True, ce_chunk=CE_CHUNK, attention=attention)
+    return estimate(shape, settings)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ order rotating each round, so a machine that speeds up or slows down over minute
 every row alike. tokens/s is from each row's median step; "paired" is the median over rounds of the baseline's
 step time over the row's, from steps seconds apart, and "paired IQR" those per-round ratios' first and
 third quartiles. Last, each row takes one more step under
-`lorakit.memory.PeakMemoryTracker`. "peak tensor MB" = bytes of every tensor held between steps (weights,
+`lorakit.profiling.PeakMemoryTracker`. "peak tensor MB" = bytes of every tensor held between steps (weights,
 buffers, adapter, optimizer state) + the tracker's peak of tensors allocated during the step. "faults/step"
 is the median count of minor page faults in a timed step (`ru_minflt`). "peak RSS MB"
 is the subprocess's `ru_maxrss`, which includes loading the model. lorakit rows step as lorakit's trainer
@@ -195,7 +195,7 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 def peak_step_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch) -> int:
     """Resident bytes + peak bytes of the tensors one step allocates (PeakMemoryTracker)."""
-    from lorakit.memory import PeakMemoryTracker
+    from lorakit.profiling import PeakMemoryTracker
 
     held = resident_bytes(model, optimizer)
     with PeakMemoryTracker() as tracker:

@@ -1,6 +1,7 @@
 """lorakit: LoRA and QLoRA fine-tuning of PyTorch models, PEFT-compatible, bitsandbytes-exact."""
 
 from lorakit.config import LoraConfig
+from lorakit.constants import DEFAULT_MODEL
 from lorakit.errors import LorakitError
 from lorakit.fast_training import disable_fast_training, enable_fast_training, use_fast_cpu_attention
 from lorakit.inject import (
@@ -22,7 +23,7 @@ from lorakit.peft_format import adapter_state_dict, load_adapter, save_adapter
 from lorakit.quant import QuantConfig, quantize_model
 
 
-def load_model(spec: str = "smollm2-135m-instruct", **kwargs):
+def load_model(spec: str = DEFAULT_MODEL, **kwargs):
     """(model, tokenizer) from the embedded name, a HF folder, a .gguf or a .safetensors file."""
     from lorakit.models import load_model as _load_model  # transformers is imported only when needed
 

@@ -11,8 +11,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from lorakit.constants import DEFAULT_MODEL, OPTIMIZERS, QUANT_TYPES
 from lorakit.errors import LorakitError
-from lorakit.models import DEFAULT_MODEL
 
 
 class Parser(argparse.ArgumentParser):
@@ -228,7 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lorakit", description="LoRA and QLoRA fine-tuning, PEFT-compatible.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_merge(sub)
+    _add_inspect(sub)
+    _add_estimate(sub)
+    return parser
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """The `lorakit demo` subcommand."""
     p = sub.add_parser("demo", help="QLoRA-teach the embedded model a task it can't do, and measure it",
                        description="Fine-tune SmolLM2-135M-Instruct (NF4 base, r=16, all linear layers) to "
                        "normalise dates to ISO 8601; measure held-out exact match before and after.")
@@ -240,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """The `lorakit train` subcommand."""
     p = sub.add_parser("train", help="fine-tune an adapter from a YAML config",
                        description="Train a LoRA/QLoRA adapter. CONFIG is a YAML file whose keys are "
                        "TrainConfig's (see README); --set overrides any key, e.g. --set lora.r=8.")
@@ -251,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    """The `lorakit generate` subcommand."""
     p = sub.add_parser("generate", help="generate text, with or without adapters (streamed)",
                        description="Generate from a prompt, or chat interactively when --prompt is absent.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, HF folder, .gguf or .safetensors "
@@ -261,10 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate (default: 128)")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--quantize", choices=["nf4", "fp4", "none"], default="none", help="4-bit base (default: none)")
+    p.add_argument("--quantize", choices=[*QUANT_TYPES, "none"], default="none", help="4-bit base (default: none)")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is the raw text")
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    """The `lorakit merge` subcommand."""
     p = sub.add_parser("merge", help="fold an adapter into the base and write a HF model folder",
                        description="Merge adapters into the float base weights and save a folder that "
                        "transformers.AutoModelForCausalLM.from_pretrained loads.")
@@ -276,12 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd_merge)
 
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    """The `lorakit inspect` subcommand."""
     p = sub.add_parser("inspect", help="show an adapter's config, ranks, sizes and spectrum",
                        description="Read a PEFT/lorakit adapter folder and summarise it.")
     p.add_argument("adapter_dir", help="adapter folder")
     p.add_argument("--layers", action="store_true", help="one line per adapted layer with its spectrum")
     p.set_defaults(func=_cmd_inspect)
 
+
+def _add_estimate(sub: argparse._SubParsersAction) -> None:
+    """The `lorakit estimate` subcommand."""
     from lorakit.train.estimate import JSON_KEYS
 
     keys = "\n".join(f"  {key:<24} {meaning}" for key, meaning in JSON_KEYS.items())
@@ -301,18 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=positive_int, help="LoRA rank (default: the config's, else 16)")
     p.add_argument("--batch", type=positive_int, help="sequences per step (default: the config's, else 8)")
     p.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: the config's, else 512)")
-    p.add_argument("--optimizer", choices=["adamw", "adamw8bit", "paged_adamw8bit"],
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="(default: the config's, else adamw)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each layer in backward (default: the config's, else off)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where it trains (default: cpu, where lorakit train runs today)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where it trains (default: the config's device; auto = cuda when present, else cpu)")
     p.add_argument("--baseline-mb", type=non_negative_float,
                    help="the runtime's resident memory before any model tensor, in MB (default: measured, 600)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object (keys below)")
     p.add_argument("--plot", metavar="PNG", help="also write memory vs model size for the three methods")
     p.set_defaults(func=_cmd_estimate)
-    return parser
 
 
 @contextlib.contextmanager

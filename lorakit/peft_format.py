@@ -17,43 +17,43 @@ from lorakit.config import TARGET_SHORTHANDS, LoraConfig, config_from_peft_dict,
 from lorakit.errors import LorakitError, LorakitWarning
 from lorakit.fingerprint import base_fingerprint
 from lorakit.inject import _modules_to_save_targets, adapter_configs, add_adapter, resolve_targets
-from lorakit.lora import LoraConv2d, LoraEmbedding, LoraLayer, ModulesToSave, is_conv1d
+from lorakit.lora import LoraEmbedding, LoraLayer, ModulesToSave, is_conv1d
+from lorakit.peft_keys import factor_params, peft_key, saved_bias_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 FINGERPRINT_KEY = "lorakit.base_fingerprint"  # safetensors metadata; PEFT reads only "format"
 BASE_NAME_KEY = "lorakit.base_model"
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's saved key names (adapter name stripped)."""
-    config = _config(model, name)
-    state: dict[str, torch.Tensor] = {}
+    tensors = adapter_tensors(model, name, _config(model, name).bias)
+    return {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+
+
+def adapter_tensors(model: nn.Module, name: str, bias: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s live tensors by saved key: what save writes and load fills."""
+    tensors: dict[str, torch.Tensor] = {}
+    adapted: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and name in module.scaling:
-            if isinstance(module, LoraEmbedding):
-                state[f"{PREFIX}{path}.lora_embedding_A"] = module.lora_embedding_A[name]
-                state[f"{PREFIX}{path}.lora_embedding_B"] = module.lora_embedding_B[name]
-            else:
-                state[f"{PREFIX}{path}.lora_A.weight"] = module.lora_A[name].weight
-                state[f"{PREFIX}{path}.lora_B.weight"] = module.lora_B[name].weight
+            adapted.add(path)
+            keys = (peft_key(path, param) for param in factor_params(isinstance(module, LoraEmbedding)))
+            tensors.update(zip(keys, _factors(module, name)))
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
-            for key, tensor in module.modules_to_save[name].state_dict().items():
-                state[f"{PREFIX}{path}.{key}"] = tensor
-    state.update(_bias_params(model, name, config.bias))
-    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+            for param, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
+                tensors[peft_key(path, param)] = tensor
+    params = dict(model.named_parameters())
+    tensors.update((key, params[param]) for param, key in saved_bias_names(params, adapted, bias).items())
+    return tensors
 
 
-def _bias_params(model: nn.Module, name: str, bias: str) -> dict[str, torch.Tensor]:
-    """The base biases PEFT saves with bias='all' (every one) or 'lora_only' (the adapted layers')."""
-    if bias == "none":
-        return {}
-    lora_biases = {f"{p}.base_layer.bias" for p, m in model.named_modules()
-                   if isinstance(m, LoraLayer) and name in m.scaling}
-    return {PREFIX + key: param for key, param in model.named_parameters()
-            if key.endswith(".bias") and ".modules_to_save." not in key and ".original_module." not in key
-            and (bias == "all" or key in lora_biases)}
+def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adapter `name`'s A and B of one adapted layer (Embedding LoRA keeps bare parameters)."""
+    if isinstance(layer, LoraEmbedding):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
 
 
 def _config(model: nn.Module, name: str) -> LoraConfig:
@@ -190,43 +190,31 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
     for path in resolve_targets(model, config):
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        r = config.rank_for(path)
-        key = PREFIX + path
-        if isinstance(module, LoraEmbedding) or isinstance(base, nn.Embedding):
-            shapes[f"{key}.lora_embedding_A"] = (r, base.num_embeddings)
-            shapes[f"{key}.lora_embedding_B"] = (base.embedding_dim, r)
-        elif isinstance(module, LoraConv2d) or isinstance(base, nn.Conv2d):
-            shapes[f"{key}.lora_A.weight"] = (r, base.in_channels, *base.kernel_size)
-            shapes[f"{key}.lora_B.weight"] = (base.out_channels, r, 1, 1)
-        else:
-            fan_in, fan_out = (tuple(base.weight.shape) if is_conv1d(base)
-                               else (base.in_features, base.out_features))
-            shapes[f"{key}.lora_A.weight"] = (r, fan_in)
-            shapes[f"{key}.lora_B.weight"] = (fan_out, r)
+        keys = (peft_key(path, param) for param in factor_params(isinstance(base, nn.Embedding)))
+        shapes.update(zip(keys, _factor_shapes(base, config.rank_for(path))))
     for path in _modules_to_save_targets(model, config):
         module = model.get_submodule(path)
         original = module.original_module if isinstance(module, ModulesToSave) else module
-        for key, tensor in original.state_dict().items():
-            shapes[f"{PREFIX}{path}.{key}"] = tuple(tensor.shape)
+        for param, tensor in original.state_dict().items():
+            shapes[peft_key(path, param)] = tuple(tensor.shape)
     return shapes
+
+
+def _factor_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of A and B of a rank-`r` LoRA on the (unwrapped) layer `base`."""
+    if isinstance(base, nn.Embedding):
+        return (r, base.num_embeddings), (base.embedding_dim, r)
+    if isinstance(base, nn.Conv2d):
+        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r, 1, 1)
+    fan_in, fan_out = tuple(base.weight.shape) if is_conv1d(base) else (base.in_features, base.out_features)
+    return (r, fan_in), (fan_out, r)
 
 
 def optional_bias_shapes(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     """Base-bias keys an adapter with bias='all'/'lora_only' may carry, named as after wrapping."""
-    if config.bias == "none":
-        return {}
-    targets = set(resolve_targets(model, config))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for key, param in model.named_parameters():
-        if not key.endswith(".bias") or ".modules_to_save." in key or ".original_module." in key:
-            continue
-        owner = key[: -len(".bias")].removesuffix(".base_layer")
-        if owner in targets:
-            # PEFT saves a wrapped layer's bias under `<path>.base_layer.bias`.
-            shapes[f"{PREFIX}{owner}.base_layer.bias"] = tuple(param.shape)
-        elif config.bias == "all":
-            shapes[PREFIX + key] = tuple(param.shape)
-    return shapes
+    params = dict(model.named_parameters())
+    saved = saved_bias_names(params, set(resolve_targets(model, config)), config.bias)
+    return {key: tuple(params[param].shape) for param, key in saved.items()}
 
 
 def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
@@ -269,32 +257,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if mismatch:
         warnings.warn(mismatch, LorakitWarning, stacklevel=2)
     add_adapter(model, config, name)
-    _copy_adapter_tensors(model, name, tensors, config)
+    own = adapter_tensors(model, name, config.bias)
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = own[key]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     if not is_trainable:
         for key, param in model.named_parameters():
             if f".{name}." in f"{key}." and any(p in key for p in ("lora_", "modules_to_save")):
                 param.requires_grad_(False)
     return model
-
-
-def _copy_adapter_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
-                          config: LoraConfig) -> None:
-    own = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoraEmbedding) and name in module.scaling:
-            own[f"{PREFIX}{path}.lora_embedding_A"] = module.lora_embedding_A[name]
-            own[f"{PREFIX}{path}.lora_embedding_B"] = module.lora_embedding_B[name]
-        elif isinstance(module, LoraLayer) and name in module.scaling:
-            own[f"{PREFIX}{path}.lora_A.weight"] = module.lora_A[name].weight
-            own[f"{PREFIX}{path}.lora_B.weight"] = module.lora_B[name].weight
-        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
-            for key, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
-                own[f"{PREFIX}{path}.{key}"] = tensor
-    own.update(_bias_params(model, name, config.bias))
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            target = own[key]
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
 
 __all__ = [

@@ -13,12 +13,12 @@ from lorakit.peft_format import (
     BASE_NAME_KEY,
     CONFIG_NAME,
     FINGERPRINT_KEY,
-    PREFIX,
     WEIGHTS_NAME,
     read_adapter_config,
     read_adapter_metadata,
     read_adapter_tensors,
 )
+from lorakit.peft_keys import LINEAR_FACTORS, parse_peft_key
 
 
 def delta_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float) -> torch.Tensor:
@@ -33,12 +33,22 @@ def effective_rank(values: torch.Tensor, rel: float = 0.01) -> int:
     return int((values > rel * values.max()).sum()) if values.numel() and values.max() > 0 else 0
 
 
-def rank_mismatches(config, tensors: dict[str, torch.Tensor], layers: list[str]) -> list[tuple[str, int, int]]:
+def linear_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path -> (A, B) of every Linear/Conv LoRA layer in a saved adapter, sorted by path."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        parsed = parse_peft_key(key)
+        if parsed is not None:
+            module, param = parsed
+            factors.setdefault(module, {})[param] = tensor
+    a_param, b_param = LINEAR_FACTORS
+    return {module: (found[a_param], found[b_param]) for module, found in sorted(factors.items()) if a_param in found}
+
+
+def rank_mismatches(config, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[str, int, int]]:
     """(module, config rank, tensor rank) for every layer whose A and B do not have the config's rank."""
     mismatched = []
-    for key in layers:
-        module = key.removeprefix(PREFIX)
-        A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+    for module, (A, B) in layers.items():
         said = config.rank_for(module)
         if A.shape[0] != said or B.shape[1] != said:
             mismatched.append((module, said, A.shape[0]))
@@ -58,7 +68,7 @@ def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
     size = sum((folder / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME))
     n_params = sum(t.numel() for t in tensors.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    layers = sorted(k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
+    layers = linear_factors(tensors)
     targets = config.target_modules if isinstance(config.target_modules, str) else \
         f"{len(config.target_modules or [])} entries"
     lines = [
@@ -70,7 +80,7 @@ def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
     ]
     if config.rank_pattern:
         lines.append(f"  rank_pattern: {config.rank_pattern}")
-    mismatched = rank_mismatches(config, tensors, layers)
+    mismatched = rank_mismatches(config, layers)
     if mismatched:
         module, said, stored = mismatched[0]
         lines.append(f"  MISMATCH: {len(mismatched)} of {len(layers)} layers have tensors of another rank than "
@@ -80,9 +90,7 @@ def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
     if FINGERPRINT_KEY in metadata:
         lines.append(f"  trained on: {metadata.get(BASE_NAME_KEY, '?')} (base fingerprint {metadata[FINGERPRINT_KEY]})")
     ranks, norms = [], []
-    for key in layers:
-        module = key.removeprefix("base_model.model.")
-        A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+    for module, (A, B) in layers.items():
         if A.dim() != 2:
             continue
         r = A.shape[0]  # what the tensors hold; a config that disagrees is reported above

@@ -74,3 +74,33 @@ def test_trl_sft_trainer_checkpoints_and_final_save_are_peft_adapters(folder, tm
                          processing_class=AutoTokenizer.from_pretrained(folder), callbacks=[lk.AdapterCallback()])
     trainer.train()
     check_saved(model, folder, tmp_path)
+
+
+
+def hf_trainer_losses(folder, out, fast: bool) -> list[float]:
+    """Per-step training losses of the HF Trainer on a lorakit model, with or without the fast paths."""
+    model = lorakit_model(folder)
+    if fast:
+        switched = lk.enable_fast_training(model, allocator_setting=False)
+        assert switched.loss and switched.rms_norm and switched.swiglu
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoded = tokenizer(texts(), padding="max_length", max_length=24, truncation=True)
+    labels = [[t if m else -100 for t, m in zip(ids, mask)]
+              for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+    data = Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                              "labels": labels})
+    args = TrainingArguments(output_dir=str(out), max_steps=3, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_steps=1, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return [record["loss"] for record in trainer.state.log_history if "loss" in record]
+
+
+def test_hf_trainer_with_the_fast_paths_trains_the_same(folder, tmp_path):
+    # Accumulation over unevenly padded micro-batches: the Trainer passes num_items_in_batch, which the
+    # fused loss must honour exactly as transformers' own loss does.
+    plain = hf_trainer_losses(folder, tmp_path / "plain", fast=False)
+    fast = hf_trainer_losses(folder, tmp_path / "fast", fast=True)
+    assert len(plain) == len(fast) == 3 and plain[0] > plain[-1]
+    assert fast == pytest.approx(plain, rel=1e-4)

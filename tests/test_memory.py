@@ -14,10 +14,9 @@ from lorakit.kernels import attention
 from lorakit.lora import LoraLinear
 from lorakit.memory import (
     ModelShape,
-    PeakMemoryTracker,
+    StepSettings,
     activation_bytes,
     adapter_tensors,
-    allocator_peak_bytes,
     attention_kind,
     comparison_table,
     estimate,
@@ -32,6 +31,7 @@ from lorakit.memory import (
     plot_memory_vs_size,
 )
 from lorakit.optim import make_optimizer
+from lorakit.profiling import PeakMemoryTracker, allocator_peak_bytes
 from lorakit.train.trainer import causal_lm_loss, enable_checkpointing
 
 LLAMA_7B = ModelShape.from_name("llama-7b")
@@ -45,13 +45,13 @@ def test_llama_7b_and_smollm2_parameter_counts():
 
 
 def test_full_finetune_is_16_bytes_per_param():
-    est = estimate(LLAMA_7B, method="full", compute_dtype=torch.bfloat16, param_dtype=torch.float32)
+    est = estimate(LLAMA_7B, StepSettings(method="full", compute_dtype=torch.bfloat16, param_dtype=torch.float32))
     n = parameter_count(LLAMA_7B)
     assert est.weights == 2 * n and est.master_weights == 4 * n
     assert est.gradients == 2 * n and est.optimizer == 8 * n
     held = est.weights + est.master_weights + est.gradients + est.optimizer
     assert held == 16 * n
-    fp32_grads = estimate(LLAMA_7B, method="full", grad_dtype=torch.float32)
+    fp32_grads = estimate(LLAMA_7B, StepSettings(method="full", grad_dtype=torch.float32))
     assert fp32_grads.gradients == 4 * n  # the common fp32-gradient variant: 18 bytes/param
     assert est.as_dict()["optimizer"] == 8 * n
     assert f"  {'optimizer':<15} {8 * n / 1e9:10.2f} GB" in est.table().splitlines()  # 53.91 GB
@@ -61,7 +61,7 @@ def test_lora_adapter_count_llama_7b_r16_all_linear():
     h, inter, layers, r = 4096, 11008, 32, 16
     per_layer = 4 * r * (h + h) + 2 * r * (h + inter) + r * (inter + h)  # q,k,v,o + gate,up + down
     assert sum(n for _, n in adapter_tensors(LLAMA_7B, 16, "all-linear")) == layers * per_layer == 39_976_960
-    est = estimate(LLAMA_7B, method="lora", rank=16)
+    est = estimate(LLAMA_7B, StepSettings(method="lora", rank=16))
     assert est.trainable_params == 39_976_960
     # frozen bf16 base; fp32 adapter with fp32 grads and AdamW m, v
     assert est.weights == 2 * parameter_count(LLAMA_7B)
@@ -73,7 +73,7 @@ def test_qlora_base_is_about_0_52_bytes_per_linear_param():
     numel = 4096 * 11008
     assert nf4_bytes(numel, 64, double_quant=True) / numel == pytest.approx(0.5 + 0.127 / 8, abs=5e-4)
     assert nf4_bytes(numel, 64, double_quant=False) / numel == pytest.approx(0.5 + 0.5 / 8, abs=1e-5)
-    est = estimate(LLAMA_7B, method="qlora")
+    est = estimate(LLAMA_7B, StepSettings(method="qlora"))
     embed_and_head = 2 * 32000 * 4096
     norms = (2 * 32 + 1) * 4096
     linear = parameter_count(LLAMA_7B) - embed_and_head - norms
@@ -82,11 +82,11 @@ def test_qlora_base_is_about_0_52_bytes_per_linear_param():
 
 
 def test_8bit_and_paged_optimizer_states():
-    est8 = estimate(LLAMA_7B, method="lora", optimizer="adamw8bit")
+    est8 = estimate(LLAMA_7B, StepSettings(method="lora", optimizer="adamw8bit"))
     n = est8.trainable_params
     # every LoRA tensor here has >= 4096 elements: 2 bytes/param + two fp32 absmax per 256
     assert est8.optimizer == pytest.approx(2 * n + 2 * 4 * n / 256, rel=1e-6)
-    paged = estimate(LLAMA_7B, method="lora", optimizer="paged_adamw8bit")
+    paged = estimate(LLAMA_7B, StepSettings(method="lora", optimizer="paged_adamw8bit"))
     assert paged.optimizer_host == est8.optimizer
     assert paged.optimizer < est8.optimizer / 100  # one bucket's states at a time on the device
     assert paged.total < est8.total
@@ -106,13 +106,13 @@ def test_paged_device_state_bytes_is_the_largest_buckets():
 
 
 def test_seed_comparison_figures():
-    seven_full = estimate(LLAMA_7B, method="full")
+    seven_full = estimate(LLAMA_7B, StepSettings(method="full"))
     held = seven_full.weights + seven_full.master_weights + seven_full.gradients + seven_full.optimizer
     assert 105e9 < held < 115e9  # "about 112 GB for a 7B model"
     seventy = ModelShape.from_name("70b")
-    full70 = estimate(seventy, method="full")
+    full70 = estimate(seventy, StepSettings(method="full"))
     assert 1.0e12 < full70.total < 1.2e12  # "about 1.1 terabytes"
-    qlora70 = estimate(seventy, method="qlora")
+    qlora70 = estimate(seventy, StepSettings(method="qlora"))
     assert 35e9 < qlora70.total < 48e9  # fits a 48 GB card
     table = comparison_table()
     assert "llama-70b" in table and table.count("qlora") == 2
@@ -126,7 +126,8 @@ def test_shape_from_hf_config_and_spec(tmp_path):
     shape = ModelShape.from_hf_config(cfg.to_dict())
     assert parameter_count(shape) == parameter_count(ModelShape.from_name("smollm2-135m"))
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    assert estimate_from_spec(str(tmp_path), method="qlora") == estimate_from_spec("smollm2-135m", method="qlora")
+    qlora = StepSettings(method="qlora")
+    assert estimate_from_spec(str(tmp_path), qlora) == estimate_from_spec("smollm2-135m", qlora)
     from transformers import GPT2LMHeadModel
 
     gpt2_cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
@@ -135,7 +136,7 @@ def test_shape_from_hf_config_and_spec(tmp_path):
     with pytest.raises(LorakitError, match="unknown model preset"):
         estimate_from_spec("llama-9000b")
     with pytest.raises(LorakitError, match="method"):
-        estimate(shape, method="half")
+        estimate(shape, StepSettings(method="half"))
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -169,36 +170,16 @@ def _measured_training_step(batch: int, seq: int, checkpointing: bool):
 
 def test_predicted_peak_matches_a_measured_training_step():
     measured, shape = _measured_training_step(batch=4, seq=128, checkpointing=False)
-    est = estimate(shape, method="full", batch=4, seq_len=128, gradient_checkpointing=False,
-                   compute_dtype=torch.float32, param_dtype=torch.float32, chunked_ce=False)
+    est = estimate(shape, StepSettings(method="full", batch=4, seq_len=128, gradient_checkpointing=False,
+                                       compute_dtype=torch.float32, param_dtype=torch.float32, chunked_ce=False))
     assert abs(measured / est.total - 1) <= 0.15, (measured, est.total)
 
 
 def test_predicted_peak_with_checkpointing_matches_a_measured_step():
     measured, shape = _measured_training_step(batch=4, seq=128, checkpointing=True)
-    est = estimate(shape, method="full", batch=4, seq_len=128, gradient_checkpointing=True,
-                   compute_dtype=torch.float32, param_dtype=torch.float32, chunked_ce=False)
+    est = estimate(shape, StepSettings(method="full", batch=4, seq_len=128, gradient_checkpointing=True,
+                                       compute_dtype=torch.float32, param_dtype=torch.float32, chunked_ce=False))
     assert abs(measured / est.total - 1) <= 0.15, (measured, est.total)
-
-
-def test_tracker_counts_live_and_peak_bytes():
-    x = torch.ones(1000)
-    with PeakMemoryTracker() as tracker:
-        y = x * 2  # 4000 bytes
-        z = y + 1  # 4000 more
-        view = z[:10]  # a view: nothing new
-        del y
-    assert tracker.peak_bytes == 8000 and tracker.live_bytes == 4000
-    assert view.numel() == 10
-
-
-def test_tracker_misses_a_kernels_internal_temporary_that_the_allocator_sees():
-    logits = torch.randn(256, 1024)  # 1 MiB of fp32
-    with PeakMemoryTracker() as tracker:
-        torch.logsumexp(logits, dim=-1)
-    assert tracker.peak_bytes == 4 * 256  # the result only
-    # logsumexp computes x - max into a temporary as big as its input, inside the one op
-    assert allocator_peak_bytes(lambda: torch.logsumexp(logits, dim=-1)) >= logits.nbytes + 4 * 256
 
 
 def test_attention_kind_follows_lorakit_attention(monkeypatch):
@@ -210,7 +191,7 @@ def test_attention_kind_follows_lorakit_attention(monkeypatch):
     monkeypatch.setattr(attention, "MAX_SCORES", 255 * 255)
     assert attention_kind("cpu", 256) == "sdpa"
     with pytest.raises(LorakitError, match="attention must be one of"):
-        estimate(SMOLLM2, attention="eager")
+        estimate(SMOLLM2, StepSettings(attention="eager"))
 
 
 def test_norm_and_lora_path_terms_hand_computed():
@@ -353,8 +334,8 @@ def _measured_lorakit_step(quantize, checkpointing, batch, seq, vocab):
 def test_predicted_peak_matches_a_measured_lorakit_step(method, checkpointing):
     held, step_peak, shape = _measured_lorakit_step("nf4" if method == "qlora" else None, checkpointing,
                                                     batch=4, seq=64, vocab=1024)
-    est = estimate(shape, method=method, rank=4, batch=4, seq_len=64, gradient_checkpointing=checkpointing,
-                   attention=attention_kind("cpu", 64))
+    est = estimate(shape, StepSettings(method=method, rank=4, batch=4, seq_len=64,
+                                       gradient_checkpointing=checkpointing, attention=attention_kind("cpu", 64)))
     assert est.weights + est.adapter + est.optimizer == pytest.approx(held, rel=0.01)
     assert abs((held + step_peak) / est.total - 1) <= 0.15, (held + step_peak, est.total)
 
@@ -370,5 +351,5 @@ def test_cli_estimate_for_the_cpu_uses_plain_attention_and_the_gpu_sdpa(capsys):
     assert main(args) == 0  # the CPU is the default device, as for lorakit train
     cpu = capsys.readouterr().out
     for kind, out in (("plain", cpu), ("sdpa", gpu)):
-        step = estimate(SMOLLM2, method="lora", batch=4, seq_len=1024, attention=kind)
+        step = estimate(SMOLLM2, StepSettings(method="lora", batch=4, seq_len=1024, attention=kind))
         assert f"  {'activations':<22} {step.activations / 1e9:8.3f} GB" in out.splitlines(), kind

@@ -21,13 +21,12 @@ from typing import Any, Protocol
 
 import torch
 
+from lorakit.constants import CHUNK_ELEMS  # elements per step of the reference: bounds its fp32 temporaries
 from lorakit.kernels.compile import compile_machine_check, compiled, dispatch_mode_check
 from lorakit.kernels.dispatch import Kernel, call, register
 
 OP = "dequantize_4bit"
 MIN_ELEMENTS = 1 << 16  # below this the reference is already fast and building a kernel isn't worth it
-# Elements dequantized per step of the reference: bounds its fp32 temporaries to a few tens of MB.
-CHUNK_ELEMS = 1 << 22
 SOURCE = Path(__file__).parent / "csrc" / "dequant_4bit.cpp"
 AVX512_OUTPUT_DTYPES = (torch.bfloat16, torch.float32)
 TRITON_BYTES_PER_PROGRAM = 1024

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from lorakit.constants import OPTIMIZERS
 from lorakit.errors import LorakitError
 from lorakit.quant.blockwise8 import create_dynamic_map, dequantize_blockwise, quantize_blockwise
 
@@ -225,9 +226,6 @@ class PagedAdamW8bit(AdamW8bit):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, min_8bit_size: int = 4096):
         super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size, paged=True)
-
-
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0,

@@ -18,10 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lorakit.constants import CHUNK_ELEMS
 from lorakit.errors import LorakitError
-
-# Elements processed per step: bounds the fp32 temporaries to a few tens of MB.
-_CHUNK_ELEMS = 1 << 22
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
@@ -110,13 +108,13 @@ def nearest_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     if table is None:
         return torch.bucketize(scaled, nearest_code_bounds(code.to(scaled.device)), out_int32=True).to(torch.uint8)
     first, next_bound = table
-    # On a little-endian CPU the high half of each fp32 is its second uint16: a view, ~9x faster than the shift
+    # On a little-endian CPU the high half of each fp32 is its second uint16: a view instead of a shift pass
     # (uint16 has only basic kernels, so other devices shift).
     if sys.byteorder == "little" and scaled.device.type == "cpu":
         prefix = scaled.contiguous().view(torch.uint16)[1::2].int()
     else:
         prefix = scaled.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)
-    # index_select: on the CPU several times faster than [] indexing for these gathers (a uint8 table: ~35x).
+    # index_select: on the CPU much faster than [] indexing for these gathers (most of all with a uint8 table).
     return first.index_select(0, prefix).add_(scaled > next_bound.index_select(0, prefix))
 
 
@@ -150,7 +148,7 @@ def quantize_blockwise(
     n = flat.numel()
     codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
-    chunk = max(blocksize, _CHUNK_ELEMS // blocksize * blocksize)
+    chunk = max(blocksize, CHUNK_ELEMS // blocksize * blocksize)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         first_block = start // blocksize

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lorakit.constants import QUANT_TYPES
 from lorakit.errors import LorakitError
 from lorakit.quant.linear4bit import Linear4bit, parse_compute_dtype
 from lorakit.quant.nf4 import QuantState
@@ -85,7 +86,7 @@ def _check_record(record: object, name: str, where: str) -> dict:
     shape = record["shape"]
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
         raise LorakitError(f"{where}: {name!r} has shape {shape!r}; expected [out_features, in_features]")
-    if record["quant_type"] not in ("nf4", "fp4") or not isinstance(record["blocksize"], int):
+    if record["quant_type"] not in QUANT_TYPES or not isinstance(record["blocksize"], int):
         raise LorakitError(
             f"{where}: {name!r} has quant_type {record['quant_type']!r} / blocksize "
             f"{record['blocksize']!r}; expected nf4/fp4 and an integer"
@@ -396,7 +397,7 @@ def load_bnb_state_dict(
 ) -> nn.Module:
     """Load a bitsandbytes/transformers 4-bit state dict: its 4-bit layers become Linear4bit in place."""
     compute_dtype = parse_compute_dtype(compute_dtype, f"{where}: compute_dtype")
-    blob_keys = [k for k in state_dict if _BNB_BLOB in k and k.rsplit("__", 1)[-1] in ("nf4", "fp4")]
+    blob_keys = [k for k in state_dict if _BNB_BLOB in k and k.rsplit("__", 1)[-1] in QUANT_TYPES]
     if not blob_keys:
         raise LorakitError(
             f"{where}: no '*{_BNB_BLOB}nf4|fp4' key; this is not a bitsandbytes 4-bit state dict"

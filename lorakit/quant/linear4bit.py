@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.constants import ALLOWED_BLOCKSIZES, DEFAULT_BLOCKSIZE, QUANT_TYPES
 from lorakit.errors import LorakitError
-from lorakit.quant.nf4 import ALLOWED_BLOCKSIZES, QuantState, dequantize_4bit, quantize_4bit
+from lorakit.quant.nf4 import QuantState, dequantize_4bit, quantize_4bit
 
-QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -37,7 +37,7 @@ class QuantConfig:
     """How to quantize a model's linear layers (the usual QLoRA setting is the default)."""
 
     quant_type: str = "nf4"
-    blocksize: int = 64
+    blocksize: int = DEFAULT_BLOCKSIZE
     double_quant: bool = True
     compute_dtype: torch.dtype | str = torch.bfloat16
 
@@ -130,7 +130,7 @@ class Linear4bit(nn.Module):
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         quant_type: str = "nf4",
-        blocksize: int = 64,
+        blocksize: int = DEFAULT_BLOCKSIZE,
         double_quant: bool = True,
         compute_dtype: torch.dtype | str = torch.bfloat16,
         where: str = "Linear4bit",
@@ -151,7 +151,7 @@ class Linear4bit(nn.Module):
         cls,
         linear: nn.Linear,
         quant_type: str = "nf4",
-        blocksize: int = 64,
+        blocksize: int = DEFAULT_BLOCKSIZE,
         double_quant: bool = True,
         compute_dtype: torch.dtype | str = torch.bfloat16,
     ) -> Linear4bit:

@@ -1,6 +1,6 @@
 """NF4/FP4 blockwise 4-bit quantization, bit-identical to bitsandbytes 0.50 (CPU backend).
 
-The rules, from bitsandbytes' `backends/default/ops.py` (see shared/reference facts §2):
+The rules, from bitsandbytes' `backends/default/ops.py`:
 - blocks of `blocksize` run over the flattened row-major tensor; the last one may be partial;
 - absmax = max|x| per block in fp32 (an all-zero block stores 0, a partial one at least 1e-38);
 - scaled = clamp(x * (1/absmax), -1, 1) in fp32, except the partial last block divides x / absmax;
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.constants import ALLOWED_BLOCKSIZES, DEFAULT_BLOCKSIZE, NESTED_BLOCKSIZE
+from lorakit.constants import CHUNK_ELEMS as _CHUNK_ELEMS  # a module attribute, so a test can shrink it
 from lorakit.errors import LorakitError
 from lorakit.kernels import dequant_4bit as dequant_kernels
 from lorakit.quant.blockwise8 import create_dynamic_map, dequantize_blockwise, quantize_blockwise
@@ -38,14 +40,9 @@ FP4_CODE = torch.tensor(
     [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
     dtype=torch.float32,
 ) / 12.0
-ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 _CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Elements quantized per step: bounds the fp32 temporaries to a few tens of MB,
-# so a 70B model's largest weight never needs several full fp32 copies.
-_CHUNK_ELEMS = dequant_kernels.CHUNK_ELEMS
-_NESTED_BLOCKSIZE = 256
 
 
 @dataclass
@@ -127,7 +124,7 @@ def _codes_to_packed(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
 
 
 def quantize_4bit(
-    w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
+    w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, quant_type: str = "nf4", double_quant: bool = True
 ) -> tuple[torch.Tensor, QuantState]:
     """Blockwise 4-bit quantization of a 1-D or 2-D float tensor, bit-identical to bitsandbytes.
 
@@ -178,9 +175,9 @@ def _nest(state: QuantState) -> QuantState:
     """Double quantization: the fp32 absmax becomes 8-bit codes of (absmax - mean)."""
     offset = state.absmax.mean()
     dynamic_map = create_dynamic_map(signed=True).to(state.absmax.device)
-    qabsmax, absmax2 = quantize_blockwise(state.absmax - offset, dynamic_map, _NESTED_BLOCKSIZE)
+    qabsmax, absmax2 = quantize_blockwise(state.absmax - offset, dynamic_map, NESTED_BLOCKSIZE)
     state2 = QuantState(absmax=absmax2, shape=state.absmax.shape, dtype=torch.float32,
-                        blocksize=_NESTED_BLOCKSIZE, quant_type="dynamic", code=dynamic_map)
+                        blocksize=NESTED_BLOCKSIZE, quant_type="dynamic", code=dynamic_map)
     return dataclasses.replace(state, absmax=qabsmax, offset=offset, state2=state2)
 
 

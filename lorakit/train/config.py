@@ -11,12 +11,12 @@ import torch
 import yaml
 
 from lorakit.config import LoraConfig
+from lorakit.constants import DEFAULT_MODEL, OPTIMIZERS, QUANT_TYPES
 from lorakit.errors import LorakitError
 from lorakit.kernels.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
 
 SCHEDULERS = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-QUANT_TYPES = ("nf4", "fp4", None)
+QUANTIZE_CHOICES = (*QUANT_TYPES, None)  # None: a float base
 FLOAT_FIELDS = ("val_fraction", "num_epochs", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm")
 BOOL_FIELDS = ("packing", "train_on_prompt", "gradient_checkpointing", "bf16", "chunked_loss", "fast_kernels",
                "tensorboard")
@@ -31,7 +31,7 @@ def _default_lora() -> dict[str, Any]:
 class TrainConfig:
     """A fine-tuning run: model, data, adapter, optimisation, logging and checkpoint settings."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     quantize: str | None = "nf4"
     train_file: str = ""
     val_file: str | None = None
@@ -66,7 +66,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.quantize in ("none", "None", ""):
             self.quantize = None
-        _choice("quantize", self.quantize, QUANT_TYPES)
+        _choice("quantize", self.quantize, QUANTIZE_CHOICES)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
+from lorakit.constants import DEFAULT_MODEL
 from lorakit.errors import LorakitError
-from lorakit.evaluate import exact_match_accuracy, prompt_messages, reference_answer
 from lorakit.train import demo_task
 from lorakit.train.config import TrainConfig
+from lorakit.train.evaluate import exact_match_accuracy, prompt_messages, reference_answer
 from lorakit.train.trainer import train
 
 DEMO_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -25,7 +26,7 @@ DEMO_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "
 def demo_config(out_dir: Path, steps: int, batch_size: int) -> TrainConfig:
     """The demo's training settings (QLoRA NF4, r=16 on all linear layers)."""
     return TrainConfig(
-        model="smollm2-135m-instruct", quantize="nf4", train_file=str(out_dir / "data" / "train.jsonl"),
+        model=DEFAULT_MODEL, quantize="nf4", train_file=str(out_dir / "data" / "train.jsonl"),
         output_dir=str(out_dir / "train"), lora=dict(DEMO_LORA), max_seq_len=96, batch_size=batch_size,
         max_steps=steps, learning_rate=1e-3, warmup_ratio=0.05, lr_scheduler="cosine", weight_decay=0.0,
         eval_every=10**9, save_every=max(10, steps // 3), log_every=1, seed=0,
@@ -54,7 +55,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 120, batch_size: int = 
     from lorakit.models import load_model
 
     say("loading SmolLM2-135M-Instruct and quantizing it to NF4 ...")
-    model, tokenizer = load_model("smollm2-135m-instruct", quantize="nf4", dtype=torch.bfloat16)
+    model, tokenizer = load_model(DEFAULT_MODEL, quantize="nf4", dtype=torch.bfloat16)
     train_examples, in_dist, ood = demo_task.make_splits(n_train, n_heldout, seed=0)
     heldout = in_dist + ood
     demo_task.write_jsonl(train_examples, out_dir / "data" / "train.jsonl")

@@ -3,7 +3,7 @@
 Why this task: the answer is short and exact (10 characters), so exact match is a fair metric;
 SmolLM2-135M-Instruct gets it mostly wrong out of the box (the day/month order of the numeric forms,
 two-digit years and ordinals trip it), yet the mapping is a small deterministic rule set that a LoRA
-learns in ~100 steps.
+learns within the demo's short run.
 
 Dates span 1900-2099, the years people write. A two-digit year follows the POSIX ``strptime %y`` rule:
 00-68 mean 2000-2068 and 69-99 mean 1969-1999, so the two-digit spellings are drawn only for dates in
@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from lorakit.evaluate import exact_match
+from lorakit.train.evaluate import exact_match
 
 SYSTEM_PROMPT = "You convert dates to ISO 8601. Reply with the date only, as YYYY-MM-DD."
 # SmolLM2's tokenizer splits digits: "2021-03-03" is 10 tokens, plus <|im_end|>; one spare.

@@ -21,6 +21,7 @@ from lorakit.memory import (
     METHODS,
     MemoryEstimate,
     ModelShape,
+    StepSettings,
     attention_kind,
     estimate,
     linear_shapes,
@@ -143,21 +144,31 @@ def method_of(cfg: TrainConfig) -> str:
     return "lora" if cfg.quantize is None else "qlora"
 
 
+def device_of(cfg: TrainConfig) -> str:
+    """The device the run trains on: the config's `device`, with auto = cuda when PyTorch sees one."""
+    if cfg.device != "auto":
+        return cfg.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def attention_for(cfg: TrainConfig, device: str) -> str:
     """The attention kind the trainer runs: lorakit's plain CPU attention for auto on short CPU sequences.
 
     eager is transformers' attention, whose saved probabilities are closest to the plain kind's.
     """
-    if cfg.attn_implementation == "sdpa":
+    if cfg.attn_implementation == "sdpa" or not cfg.fast_kernels:  # without fast kernels auto keeps sdpa
         return "sdpa"
     if cfg.attn_implementation == "eager":
         return "plain"
     return attention_kind(device, cfg.max_seq_len)
 
 
-def estimate_run(cfg: TrainConfig, device: str = "cpu", method: str | None = None,
+def estimate_run(cfg: TrainConfig, device: str | None = None, method: str | None = None,
                  baseline_bytes: float | None = None) -> RunEstimate:
-    """Predict the memory of `lorakit train` with `cfg` on `device` (every sequence max_seq_len tokens long)."""
+    """Predict the memory of `lorakit train` with `cfg` on `device` (default: the config's device)."""
+    device = device or device_of(cfg)
     if device not in DEVICES:
         raise LorakitError(f"estimate: device must be one of {DEVICES}, got {device!r}")
     method = method or method_of(cfg)
@@ -166,10 +177,11 @@ def estimate_run(cfg: TrainConfig, device: str = "cpu", method: str | None = Non
     shape = load_shape(cfg.model)
     lora = cfg.lora_config()
     compute_dtype = cfg.compute_dtype()
-    step = estimate(shape, method=method, rank=lora.r, targets=lora.target_modules, batch=cfg.batch_size,
-                    seq_len=cfg.max_seq_len, optimizer=cfg.optimizer,
-                    gradient_checkpointing=cfg.gradient_checkpointing, compute_dtype=compute_dtype,
-                    chunked_ce=cfg.chunked_loss, attention=attention_for(cfg, device))
+    settings = StepSettings(method=method, rank=lora.r, targets=lora.target_modules, batch=cfg.batch_size,
+                            seq_len=cfg.max_seq_len, optimizer=cfg.optimizer,
+                            gradient_checkpointing=cfg.gradient_checkpointing, compute_dtype=compute_dtype,
+                            chunked_ce=cfg.chunked_loss, attention=attention_for(cfg, device))
+    step = estimate(shape, settings)
     load = load_peak_bytes(shape, step.weights, quantized=method == "qlora")
     baseline = RUNTIME_BASELINE_BYTES if baseline_bytes is None else float(baseline_bytes)
     return RunEstimate(cfg.model, device, step, load, baseline)

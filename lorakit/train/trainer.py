@@ -162,8 +162,10 @@ def load_inputs(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any) -> tu
         from lorakit.models import load_model
 
         dtype = cfg.compute_dtype()
+        # auto picks lorakit's attention only with the fast kernels; without them, transformers' sdpa
+        attention = "sdpa" if cfg.attn_implementation == "auto" and not cfg.fast_kernels else cfg.attn_implementation
         model, tokenizer = load_model(cfg.model, quantize=cfg.quantize, dtype=dtype, compute_dtype=dtype,
-                                      attn_implementation=cfg.attn_implementation)
+                                      attn_implementation=attention)
     train_set, val_set, stats = data_mod.build_dataset(
         train_examples, tokenizer, max_seq_len=cfg.max_seq_len, packing=cfg.packing,
         val_file=cfg.val_file, val_fraction=cfg.val_fraction, seed=cfg.seed,

@@ -3,16 +3,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import devices
 
 from lorakit.errors import LorakitError
 from lorakit.kernels.cross_entropy import chunked_cross_entropy, reference_cross_entropy
 
 
-def _inputs(batch=3, seq=37, hidden=24, vocab=50, dtype=torch.float32, seed=0):
+def _inputs(batch=3, seq=37, hidden=24, vocab=50, dtype=torch.float32, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(batch, seq, hidden, generator=gen).to(dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    h = torch.randn(batch, seq, hidden, generator=gen).to(dtype).to(device).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen) / hidden**0.5).to(dtype).to(device).requires_grad_()
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     return h, w, labels
 
 
@@ -30,9 +31,10 @@ def test_reference_equals_f_cross_entropy_on_shifted_labels():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 111, 4096])  # 111 = 3 * 37, 4096 > all tokens
-def test_chunked_matches_reference_fp32(chunk_size):
-    h, w, labels = _inputs()
+def test_chunked_matches_reference_fp32(chunk_size, device):
+    h, w, labels = _inputs(device=device)
     labels[0, :10] = -100  # some ignored tokens
     labels[2] = -100  # an all-ignored row
     loss_c, (gh_c, gw_c) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=chunk_size)
@@ -71,8 +73,9 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_grads():
     assert reference_cross_entropy(h, w, labels).item() == 0.0
 
 
-def test_bf16_hidden_matches_reference():
-    h, w, labels = _inputs(dtype=torch.bfloat16, vocab=300, hidden=64)
+@pytest.mark.parametrize("device", devices())
+def test_bf16_hidden_matches_reference(device):
+    h, w, labels = _inputs(dtype=torch.bfloat16, vocab=300, hidden=64, device=device)
     labels[1, 5:20] = -100
     loss_c, (gh_c, gw_c) = _loss_and_grads(chunked_cross_entropy, h, w, labels, chunk_size=13)
     loss_r, (gh_r, gw_r) = _loss_and_grads(reference_cross_entropy, h, w, labels)
@@ -144,7 +147,7 @@ def test_compiled_chunk_kernels_equal_the_references(dtype):
 
 
 def test_peak_extra_memory_is_about_one_chunk():
-    from lorakit.memory import PeakMemoryTracker
+    from lorakit.profiling import PeakMemoryTracker
 
     batch, seq, vocab, hidden, chunk = 4, 256, 2000, 32, 128
     h, w, labels = _inputs(batch=batch, seq=seq, vocab=vocab, hidden=hidden)

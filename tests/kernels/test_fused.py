@@ -2,26 +2,34 @@
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import devices, fast_kernels, tiny_llama
 
 from lorakit.fast_training import enable_fast_training
 from lorakit.kernels.rms_norm import rms_norm, rms_norm_reference
 from lorakit.kernels.swiglu import silu_mul, silu_mul_reference
 
 
-def _inputs(dtype):
+def _inputs(dtype, device="cpu"):
     gen = torch.Generator().manual_seed(0)
-    gate = (torch.randn(4, 37, 96, generator=gen) * 3).to(dtype).requires_grad_()
-    up = torch.randn(4, 37, 96, generator=gen).to(dtype).requires_grad_()
-    grad = torch.randn(4, 37, 96, generator=gen).to(dtype)
+    gate = (torch.randn(4, 37, 96, generator=gen) * 3).to(dtype).to(device).requires_grad_()
+    up = torch.randn(4, 37, 96, generator=gen).to(dtype).to(device).requires_grad_()
+    grad = torch.randn(4, 37, 96, generator=gen).to(dtype).to(device)
     return gate, up, grad
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_equals_the_two_op_reference_within_one_rounding(dtype):
-    gate, up, grad = _inputs(dtype)
+def test_equals_the_two_op_reference_within_one_rounding(dtype, device):
+    gate, up, grad = _inputs(dtype, device)
+    kernels = fast_kernels("silu_mul", gate, up) or pytest.skip(f"no fast silu_mul on {device}")
+    for kernel in kernels:
+        _check_silu_mul(kernel.fn, gate, up, grad, dtype)
+    assert silu_mul(gate, up).grad_fn.name() == kernels[0].fn(gate, up).grad_fn.name()  # the dispatch runs it
+
+
+def _check_silu_mul(fast, gate, up, grad, dtype):
     results = []
-    for fn in (silu_mul_reference, silu_mul):
+    for fn in (silu_mul_reference, fast):
         out = fn(gate, up)
         results.append((out, *torch.autograd.grad(out, (gate, up), grad)))
     for got, ref in zip(results[1], results[0]):
@@ -45,14 +53,26 @@ def test_saves_gate_and_up_only():
     assert counts == {"silu_mul_reference": 3, "silu_mul": 2}  # gate, silu(gate), up vs gate, up
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weight_trains", [False, True])
-def test_rms_norm_equals_llamas(dtype, weight_trains):
+def test_rms_norm_equals_llamas(dtype, weight_trains, device):
     gen = torch.Generator().manual_seed(0)
-    x0, grad = torch.randn(4, 37, 96, generator=gen) * 2, torch.randn(4, 37, 96, generator=gen)
-    weight0 = 1 + 0.1 * torch.randn(96, generator=gen)
+    x0 = (torch.randn(4, 37, 96, generator=gen) * 2).to(device)
+    grad = torch.randn(4, 37, 96, generator=gen).to(device)
+    weight0 = (1 + 0.1 * torch.randn(96, generator=gen)).to(device)
+    kernels = (fast_kernels("rms_norm", x0.to(dtype), weight0.to(dtype), 1e-5)
+               or pytest.skip(f"no fused norm on {device}"))
+    x = x0.to(dtype).requires_grad_()
+    weight = weight0.to(dtype)
+    assert rms_norm(x, weight, 1e-5).grad_fn.name() == kernels[0].fn(x, weight, 1e-5).grad_fn.name()
+    for kernel in kernels:
+        _check_rms_norm(kernel.fn, x0, weight0, grad, dtype, weight_trains)
+
+
+def _check_rms_norm(fast, x0, weight0, grad, dtype, weight_trains):
     results = []
-    for fn in (rms_norm_reference, rms_norm):
+    for fn in (rms_norm_reference, fast):
         x, weight = x0.to(dtype).requires_grad_(), weight0.to(dtype).requires_grad_(weight_trains)
         out = fn(x, weight, 1e-5)
         inputs = (x, weight) if weight_trains else (x,)

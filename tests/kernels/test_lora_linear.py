@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import devices, tiny_llama
 from torch import nn
 
 import lorakit as lk
@@ -60,13 +60,14 @@ def rel_err(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value.double() - reference).norm() / reference.norm())
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("kind", ["linear", "4bit"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_node_matches_the_general_path(kind, bias):
-    layer = make_layer(kind, bias)
+def test_node_matches_the_general_path(kind, bias, device):
+    layer = make_layer(kind, bias).to(device)
     torch.manual_seed(1)
-    x = torch.randn(3, 40, 96, dtype=BF16, requires_grad=True)
-    grad_y = torch.randn(3, 40, 160, dtype=BF16)
+    x = torch.randn(3, 40, 96, dtype=BF16).to(device).requires_grad_()
+    grad_y = torch.randn(3, 40, 160, dtype=BF16).to(device)
     y, gx, gA, gB = run(layer, x, grad_y, general=False)
     y0, gx0, gA0, gB0 = run(layer, x, grad_y, general=True)
     # Same products in the same order: output and adapter gradients are bit-identical.

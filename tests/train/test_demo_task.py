@@ -7,7 +7,6 @@ from collections import Counter
 
 import pytest
 
-from lorakit.evaluate import exact_match_accuracy
 from lorakit.models import load_model, load_tokenizer
 from lorakit.train.data import build_dataset, load_examples
 from lorakit.train.demo_task import (
@@ -28,6 +27,7 @@ from lorakit.train.demo_task import (
     two_digit_year,
     write_jsonl,
 )
+from lorakit.train.evaluate import exact_match_accuracy
 
 # How each spelling reads back with strptime (the "(US)"/"(EU)" labels, "the " and ordinal suffixes removed).
 # Python's strptime %y is the POSIX rule the task states (69-99 -> 19xx, 00-68 -> 20xx), so it checks that rule too.

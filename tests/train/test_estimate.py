@@ -8,7 +8,7 @@ import yaml
 from helpers import build_tiny_model_folder
 
 from lorakit.cli import main
-from lorakit.memory import ModelShape, attention_kind, estimate, load_shape, nf4_bytes, parameter_tensors
+from lorakit.memory import ModelShape, StepSettings, attention_kind, estimate, load_shape, nf4_bytes, parameter_tensors
 from lorakit.train.config import TrainConfig, load_config
 from lorakit.train.estimate import JSON_KEYS, RUNTIME_BASELINE_BYTES, estimate_run
 
@@ -23,8 +23,9 @@ def estimate_json(capsys, *argv) -> dict:
 def test_without_a_config_the_trainers_defaults_apply(capsys):
     got = estimate_json(capsys)
     defaults = TrainConfig()
-    step = estimate(SMOL, method="qlora", rank=16, batch=defaults.batch_size, seq_len=defaults.max_seq_len,
-                    gradient_checkpointing=False, attention=attention_kind("cpu", defaults.max_seq_len))
+    step = estimate(SMOL, StepSettings(method="qlora", rank=16, batch=defaults.batch_size,
+                                       seq_len=defaults.max_seq_len, gradient_checkpointing=False,
+                                       attention=attention_kind("cpu", defaults.max_seq_len)))
     assert list(got) == list(JSON_KEYS)
     assert (got["method"], got["device"], got["model"]) == ("qlora", "cpu", "smollm2-135m-instruct")
     assert got["train_peak_bytes"] == step.total and got["activations_bytes"] == step.activations
@@ -41,9 +42,9 @@ def test_a_config_file_is_the_run_it_describes(tmp_path, capsys):
     got = estimate_json(capsys, str(config))
     params = sum(numel for _, numel in parameter_tensors(SMOL))
     assert got["method"] == "lora" and got["weights_bytes"] == 4 * params  # bf16: false keeps an fp32 base
-    step = estimate(SMOL, method="lora", rank=8, targets=("q_proj", "v_proj"), batch=2, seq_len=128,
-                    optimizer="adamw8bit", gradient_checkpointing=True, compute_dtype=torch.float32,
-                    attention=attention_kind("cpu", 128))
+    step = estimate(SMOL, StepSettings(method="lora", rank=8, targets=("q_proj", "v_proj"), batch=2, seq_len=128,
+                                       optimizer="adamw8bit", gradient_checkpointing=True,
+                                       compute_dtype=torch.float32, attention=attention_kind("cpu", 128)))
     assert got["train_peak_bytes"] == step.total and got["optimizer_bytes"] == step.optimizer
     assert got == estimate_run(load_config(config)).as_json()
     # flags and --set override the file; --method qlora quantizes the base
@@ -51,9 +52,9 @@ def test_a_config_file_is_the_run_it_describes(tmp_path, capsys):
     linears = sum(nf4_bytes(n) for name, n in parameter_tensors(SMOL) if name.endswith("_proj"))
     others = sum(2 * n for name, n in parameter_tensors(SMOL) if not name.endswith("_proj"))
     assert over["method"] == "qlora" and over["weights_bytes"] == pytest.approx(linears + others)
-    assert over["activations_bytes"] == estimate(SMOL, method="qlora", rank=8, targets=("q_proj", "v_proj"),
-                                                 batch=4, seq_len=128, gradient_checkpointing=True,
-                                                 attention="plain").activations
+    qlora = StepSettings(method="qlora", rank=8, targets=("q_proj", "v_proj"), batch=4, seq_len=128,
+                         gradient_checkpointing=True, attention="plain")
+    assert over["activations_bytes"] == estimate(SMOL, qlora).activations
 
 
 def test_the_table_names_every_term_and_the_process_total(capsys):

@@ -1,6 +1,6 @@
-"""Every combination of the trainer's main switches trains: quantize x bf16 x attention x gradient checkpointing.
+"""Every combination of the trainer's main switches trains: quantize x bf16 x attention x checkpointing x fast kernels.
 
-Within one (quantize, bf16) pair the six attention/checkpointing variants compute the same function, so
+Within one (quantize, bf16) pair the twelve attention/checkpointing/fast-kernel variants compute the same function, so
 their first losses must agree (to bf16 rounding in bf16), and their second losses too (after one
 identical update): a path that trains but computes something else fails here, not only one that crashes.
 """
@@ -22,6 +22,7 @@ QUANTIZE = (None, "nf4", "fp4")
 BF16 = (True, False)
 ATTENTION = ("auto", "sdpa", "eager")
 CHECKPOINTING = (False, True)
+FAST_KERNELS = (True, False)
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +32,26 @@ def tiny(tmp_path_factory) -> dict:
             "train": write_jsonl(make_examples(16, seed=3), root / "train.jsonl")}
 
 
-def settings(tiny, quantize, bf16, attention="auto", checkpointing=False, name="run") -> dict:
+def settings(tiny, quantize, bf16, attention="auto", checkpointing=False, name="run", fast=True) -> dict:
     return tiny_train_config(tiny["model"], tiny["train"], tiny["root"] / name, quantize=quantize, bf16=bf16,
                              attn_implementation=attention, gradient_checkpointing=checkpointing,
-                             max_steps=2, warmup_ratio=0.0, lr_scheduler="constant")
+                             fast_kernels=fast, max_steps=2, warmup_ratio=0.0, lr_scheduler="constant")
 
 
 @pytest.mark.parametrize(("quantize", "bf16"), list(itertools.product(QUANTIZE, BF16)))
 def test_every_attention_and_checkpointing_variant_trains_the_same_function(tiny, quantize, bf16):
     losses = {}
-    for attention, checkpointing in itertools.product(ATTENTION, CHECKPOINTING):
-        name = f"{quantize}-{bf16}-{attention}-{checkpointing}"
-        results = train(TrainConfig(**settings(tiny, quantize, bf16, attention, checkpointing, name)),
+    for attention, checkpointing, fast in itertools.product(ATTENTION, CHECKPOINTING, FAST_KERNELS):
+        name = f"{quantize}-{bf16}-{attention}-{checkpointing}-{fast}"
+        results = train(TrainConfig(**settings(tiny, quantize, bf16, attention, checkpointing, name, fast)),
                         progress=False)
         assert results["steps"] == 2 and math.isfinite(results["final_loss"]), name
         lora_B = [t for k, t in load_file(f"{results['adapter_dir']}/adapter_model.safetensors").items()
                   if "lora_B" in k]
         assert lora_B and all(t.abs().max() > 0 for t in lora_B), f"{name}: B is still zero, nothing trained"
         metrics = [line for line in (tiny["root"] / name / "metrics.jsonl").read_text().splitlines() if line]
-        losses[(attention, checkpointing)] = [float(line.split('"loss": ')[1].split(",")[0]) for line in metrics]
-    reference = losses[("eager", False)]
+        losses[(attention, checkpointing, fast)] = [float(line.split('"loss": ')[1].split(",")[0]) for line in metrics]
+    reference = losses[("eager", False, False)]
     tolerance = 2e-2 if bf16 else 1e-4  # relative; bf16 rounds each product differently per kernel
     for variant, curve in losses.items():
         assert curve == pytest.approx(reference, rel=tolerance), (variant, curve, reference)

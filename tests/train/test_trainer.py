@@ -316,3 +316,49 @@ def test_stop_request_first_ctrl_c_sets_a_flag_second_interrupts():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# ------------------------------------------------------------------------------------------- switches
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_kernels_key_switches_the_fast_paths_on_the_given_model(tiny, tmp_path, fast):
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(str(tiny["model"]), attn_implementation="sdpa")
+    cfg = TrainConfig(**tiny_train_config(tiny["model"], tiny["train"], tmp_path / "run", max_steps=1,
+                                          fast_kernels=fast))
+    train(cfg, model=model, tokenizer=tokenizer, progress=False)
+    patched = [name for name, module in model.named_modules() if "forward" in module.__dict__]
+    if fast:  # two norms and one MLP per layer, the final norm; attention follows attn_implementation=auto
+        assert len(patched) == 3 * 2 + 1 and model.config._attn_implementation == "lorakit_cpu"
+    else:
+        assert patched == [] and model.config._attn_implementation == "sdpa"
+
+
+def test_fast_kernels_false_trains_with_transformers_attention(tiny, tmp_path):
+    from lorakit.train.trainer import load_inputs
+
+    for fast, expected in ((True, "lorakit_cpu"), (False, "sdpa")):
+        cfg = TrainConfig(**tiny_train_config(tiny["model"], tiny["train"], tmp_path / "run", fast_kernels=fast))
+        assert load_inputs(cfg, None, None)[0].config._attn_implementation == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_before_anything_loads(tiny, tmp_path):
+    from lorakit.errors import LorakitError
+
+    cfg = TrainConfig(**tiny_train_config(tiny["model"], tiny["train"], tmp_path / "run", device="cuda"))
+    with pytest.raises(LorakitError, match="device: cuda, but PyTorch sees no CUDA device here; set device: cpu"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_cpu_trains_like_auto(tiny, tmp_path):
+    results = {}
+    for device in ("auto", "cpu"):
+        cfg = TrainConfig(**tiny_train_config(tiny["model"], tiny["train"], tmp_path / device, max_steps=2,
+                                              device=device))
+        results[device] = train(cfg, progress=False)["final_loss"]
+    if not torch.cuda.is_available():  # auto is the CPU here: the same run bit for bit
+        assert results["auto"] == results["cpu"]
+    assert math.isfinite(results["cpu"])

@@ -3,9 +3,9 @@
 import pytest
 from helpers import tiny_llama, tiny_tokenizer
 
-from lorakit.evaluate import exact_match, exact_match_accuracy, generate_batch
 from lorakit.models import load_model
 from lorakit.train.demo_task import MAX_NEW_TOKENS, make_splits
+from lorakit.train.evaluate import exact_match, exact_match_accuracy, generate_batch
 
 PROMPTS = ["hello", "what is 1 + 2 ?", "hi there", "what is the 3 + 4 + 1 ? 2 3", "system user"]
 
