@@ -19,15 +19,15 @@ def run_benchmark(script: str, *args: str) -> str:
 
 
 def test_train_step_tiny_prints_its_table(tmp_path):
-    # Three rows (a subprocess each, ~5 s apiece, timed in two interleaved rounds) cover lorakit,
-    # peft + bitsandbytes and the ratio baseline.
+    # Four rows (a subprocess each, timed in two interleaved rounds) cover lorakit's trainer step, a user's
+    # own loop with lk.enable_fast_training, peft + bitsandbytes and the ratio baseline.
     json_path = tmp_path / "rows.json"
-    rows_arg = "lorakit-qlora,peft-bnb-qlora,peft-bf16-autocast"
+    rows_arg = "lorakit-qlora,lorakit-qlora-plain-loop,peft-bnb-qlora,peft-bf16-autocast"
     out = run_benchmark("train_step.py", "--tiny", "--rows", rows_arg, "--steps", "2", "--json", str(json_path))
     assert "row                         tokens/s vs peft bf16" in out
     table = out[out.index("tokens/s vs peft bf16"):].splitlines()
     rows = {line.split()[0]: line.split() for line in table[2:] if line.strip()}
-    assert set(rows) == {"lorakit-qlora", "peft-bnb-qlora", "peft-bf16-autocast"}
+    assert set(rows) == {"lorakit-qlora", "lorakit-qlora-plain-loop", "peft-bnb-qlora", "peft-bf16-autocast"}
     # median ratio, paired ratio and the paired ratios' quartiles
     assert rows["peft-bf16-autocast"][2:5] == ["1.00x", "1.00x", "1.00-1.00"]
     for row in rows.values():
@@ -38,8 +38,11 @@ def test_train_step_tiny_prints_its_table(tmp_path):
     # Same weights, same batch, same adapter size: both sides train the same thing.
     assert rows["lorakit-qlora"][-1] == rows["peft-bnb-qlora"][-1] == "32,768"
     assert float(rows["lorakit-qlora"][-2]) == pytest.approx(float(rows["peft-bnb-qlora"][-2]), abs=0.02)
+    # The plain loop trains the same adapter on the same 4-bit base (no autocast: bf16 weights throughout).
+    assert rows["lorakit-qlora-plain-loop"][-1] == "32,768"
+    assert float(rows["lorakit-qlora-plain-loop"][-2]) == pytest.approx(float(rows["lorakit-qlora"][-2]), abs=0.02)
     summary = json.loads(json_path.read_text())
-    assert [len(row["seconds"]) for row in summary["rows"]] == [2, 2, 2]  # one step per row per round
+    assert [len(row["seconds"]) for row in summary["rows"]] == [2, 2, 2, 2]  # one step per row per round
     assert all(row["peak_tensor_bytes"] > 0 for row in summary["rows"])
 
 
