@@ -31,11 +31,15 @@ def load_model(spec: str = DEFAULT_MODEL, **kwargs):
 
 
 def __getattr__(name: str):
-    """`lk.AdapterCallback` imports transformers only when asked for."""
+    """`lk.AdapterCallback` and `lk.Engine` are imported only when asked for."""
     if name == "AdapterCallback":
         from lorakit.hf_callback import AdapterCallback
 
         return AdapterCallback
+    if name == "Engine":
+        from lorakit.serve.engine import Engine
+
+        return Engine
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 
@@ -43,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCallback",
+    "Engine",
     "LoraConfig",
     "LorakitError",
     "QuantConfig",

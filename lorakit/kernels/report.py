@@ -24,6 +24,18 @@ def _example_state(device: str) -> Any:
                                  state2=state2, nested=True)
 
 
+def _multi_lora_example(device: str) -> tuple:
+    """A decoding step of 64 sequences over 64 distinct resident adapters (rank 16) on q_proj."""
+    from lorakit.kernels.multi_lora import Entries
+
+    rows = 64
+    entries = Entries.build([{row: 1.0} for row in range(rows)], device)
+    return (torch.empty(rows, HIDDEN, dtype=torch.bfloat16, device=device),
+            torch.empty(rows, HIDDEN, dtype=torch.bfloat16, device=device),
+            torch.empty(rows, 16, HIDDEN, dtype=torch.bfloat16, device=device),
+            torch.empty(rows, HIDDEN, 16, dtype=torch.bfloat16, device=device), entries)
+
+
 def example_inputs(device: str) -> dict[str, tuple]:
     """One typical call of every operation, on `device`, in bf16."""
     bf16 = {"dtype": torch.bfloat16, "device": device}
@@ -41,6 +53,7 @@ def example_inputs(device: str) -> dict[str, tuple]:
         "silu_mul": (torch.empty(BATCH, SEQ, INTERMEDIATE, **bf16), torch.empty(BATCH, SEQ, INTERMEDIATE, **bf16)),
         "rms_norm": (torch.empty(BATCH, SEQ, HIDDEN, **bf16), torch.ones(HIDDEN, **bf16), 1e-5),
         "lora_linear": (torch.empty(BATCH, SEQ, HIDDEN, **bf16), base, lora_a, lora_b, nn.Identity(), 2.0),
+        "multi_lora": _multi_lora_example(device),
         "cross_entropy": (torch.empty(BATCH, SEQ, HIDDEN, **bf16), torch.empty(VOCAB, HIDDEN, **bf16),
                           torch.zeros(BATCH, SEQ, dtype=torch.long, device=device)),
     }
