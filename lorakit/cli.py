@@ -110,10 +110,45 @@ def _load_with_adapters(model_spec: str, adapters: list[str], quantize: str | No
     return model, tokenizer
 
 
+def _generate_requests(args: argparse.Namespace) -> int:
+    """--requests FILE: every line through the batched multi-adapter engine, results as JSONL."""
+    from lorakit.files import check_writable, write_text_atomic
+    from lorakit.models import load_model
+    from lorakit.serve.batch import read_requests, run_requests
+    from lorakit.serve.engine import Engine, encode
+
+    if args.prompt is not None or args.active:
+        raise LorakitError("--requests runs a file of requests; drop --prompt / --active (each line names its adapter)")
+    requests = read_requests(args.requests)
+    if args.output:
+        check_writable(Path(args.output), "--output")
+    pairs = _parse_adapters(args.adapter or [])
+    _quiet_transformers()
+    model, tokenizer = load_model(args.model, quantize=_quant(args.quantize))
+    for item in requests:
+        item.setdefault("max_new_tokens", args.max_new_tokens)
+        item.setdefault("temperature", args.temperature)
+    # Each cache slot holds the longest request; at most 64 run at once.
+    context = max(len(encode(tokenizer, item.get("prompt", item.get("messages")))) + int(item["max_new_tokens"])
+                  for item in requests)
+    engine = Engine(model, tokenizer, max_loras=max(1, min(len(pairs), 16)), max_cpu_loras=max(16, len(pairs)),
+                    max_batch=min(64, len(requests)), max_model_len=context)
+    for name, folder in pairs:
+        engine.add_adapter(name, folder)
+    text = "".join(json.dumps(result) + "\n" for result in run_requests(engine, requests, progress=not args.quiet))
+    if args.output:
+        write_text_atomic(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    if args.requests:
+        return _generate_requests(args)
     model, tokenizer = _load_with_adapters(args.model, args.adapter or [], _quant(args.quantize), args.active)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
@@ -279,6 +314,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--quantize", choices=[*QUANT_TYPES, "none"], default="none", help="4-bit base (default: none)")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is the raw text")
+    p.add_argument("--requests", metavar="JSONL", help="a file of requests ({\"prompt\"|\"messages\", \"adapter\", "
+                   "...} per line), run batched through the multi-adapter engine")
+    p.add_argument("--output", metavar="JSONL", help="with --requests: write the results here (default: stdout)")
+    p.add_argument("--quiet", action="store_true", help="with --requests: no progress bar")
     p.set_defaults(func=_cmd_generate)
 
 

@@ -34,7 +34,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 TARGET_PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP,
                   "qv": ("q_proj", "v_proj")}
-ATTENTION_KINDS = ("sdpa", "plain")  # transformers' sdpa; lorakit/attention.py's CPU path (see attention_kind)
+ATTENTION_KINDS = ("sdpa", "plain")  # transformers' sdpa; lorakit/kernels/attention.py's CPU path (see attention_kind)
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def paged_device_state_bytes(numels: list[int], min_8bit_size: int = 4096) -> fl
 
 
 def attention_kind(device_type: str, seq_len: int) -> str:
-    """The attention a model from `lorakit.load_model` trains with: "plain" or "sdpa" (lorakit/attention.py).
+    """The attention a model from `lorakit.load_model` trains with: "plain" or "sdpa" (lorakit/kernels/attention.py).
 
     On the CPU, lorakit runs a plain matmul-softmax-matmul while seq_len^2 <= attention.MAX_SCORES;
     everywhere else (and for longer sequences) transformers' sdpa runs.
@@ -225,7 +225,7 @@ def lora_path_bytes(fan_in: int, fan_out: int, rank: int, tokens: int, dtype_byt
                     copies_A: bool = True) -> float:
     """Bytes one adapter saves besides its input x (saved for A's gradient, counted with the layer's input).
 
-    Half-precision activations run lorakit.lora_node (one autograd node per adapter, no dropout): it saves
+    Half-precision activations run lorakit.kernels.lora_linear (one autograd node per adapter, no dropout): it saves
     h = x A^T (r per token) and the adapter's own A and B, so nothing more. Otherwise
     (lora.add_low_rank_update) autograd also saves scale * B in the compute dtype (a new tensor, for h's
     gradient) and, when `copies_A`, the compute-dtype copy of A (for x's gradient: made when the adapter's
@@ -248,7 +248,7 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_by
       - norms: norm_activation_bytes each; their outputs (s H) when a linear reading them trains;
       - attention "sdpa": q, k, v and the output (saved by the kernel whether o_proj trains or not) and an
         fp32 log-sum-exp per head: s (2 q + 2 kv) + 4 heads per token;
-      - attention "plain" (lorakit/attention.py): the scaled q (s q), k and v (s kv each: a key-value head
+      - attention "plain" (lorakit/kernels/attention.py): the scaled q (s q), k and v (s kv each: a key-value head
         serves its query heads without copies), the probabilities of the causal blocks it computes
         (s B heads attention.causal_score_count(T), 10/16 of T^2 in four blocks) and, when o_proj trains,
         the output (s q); a causal mask is not saved (a padded batch's is, B T^2);
@@ -312,7 +312,7 @@ def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk: int | 
 
     Plain (chunk None, the HF loss): at the start of backward the logits (s), the fp32 log-softmax and two
     fp32 gradients, V (s + 12) per token, the shifted int64 labels, and the final hidden (s H) when the
-    head trains. Chunked (lorakit.train.loss.chunked_cross_entropy): the gradients are formed during the
+    head trains. Chunked (lorakit.kernels.cross_entropy.chunked_cross_entropy): the gradients are formed during the
     forward, in one reused [rows, V] logits buffer in the compute dtype (rows = min(chunk, tokens)). The
     reference kernels, which run on GPUs, with LORAKIT_COMPILE=0 and under a dispatch mode, add per chunk
     an fp32 copy of the logits (none in fp32) and, inside torch.logsumexp, an fp32 x - max of the same

@@ -215,7 +215,7 @@ def load_model(
     a second copy of the model. The model is returned in eval mode with ``use_cache=True``
     (generation); the trainer switches both as it needs. The tokenizer pads on the left with eos as pad
     if it has none. ``attn_implementation="auto"`` gives models that use sdpa lorakit's CPU attention
-    (lorakit/attention.py: faster training on short sequences, sdpa otherwise); "sdpa", "eager" or
+    (lorakit/kernels/attention.py: faster training on short sequences, sdpa otherwise); "sdpa", "eager" or
     "lorakit_cpu" force one.
     """
     if quantize is not None and quantize not in QUANT_TYPES:

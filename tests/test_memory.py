@@ -198,7 +198,7 @@ def test_norm_and_lora_path_terms_hand_computed():
     h = 576
     assert norm_activation_bytes(SMOLLM2, 512, 2, weight_trained=False) == 512 * (4 * h + 4)  # fp32 input, rsqrt
     assert norm_activation_bytes(SMOLLM2, 512, 2, weight_trained=True) == 512 * (4 * h + 4 + 2 * h)
-    # q_proj 576 -> 576, r=16, 512 tokens, bf16: lora_node saves h (r per token) and nothing else
+    # q_proj 576 -> 576, r=16, 512 tokens, bf16: the LoRA node saves h (r per token) and nothing else
     assert lora_path_bytes(576, 576, 16, 512, 2) == lora_path_bytes(576, 576, 16, 512, 2, copies_A=False) == 16_384
     # fp32: autograd over add_low_rank_update also saves B * scale and, when made, A's copy
     assert lora_path_bytes(576, 576, 16, 512, 4) == 4 * (512 * 16 + 576 * 16 + 576 * 16) == 106_496
@@ -210,7 +210,7 @@ def test_layer_terms_hand_computed_for_smollm2():
     n, h, q, kv, inter, heads = b * t, 576, 576, 192, 1536, 9
     norms = 2 * n * (4 * h + 4) + 2 * n * s * h  # two frozen norms and their outputs (read by trained linears)
     mlp = 4 * n * s * inter  # gate, silu(gate), up, their product (down_proj trains)
-    lora = 7 * s * n * r  # h = x A^T of each of the seven adapters (lora_node)
+    lora = 7 * s * n * r  # h = x A^T of each of the seven adapters (the LoRA node)
     # scaled q, k, v; output; probabilities of the four causal blocks of 64 queries (keys up to each end)
     plain = n * s * (q + 2 * kv) + n * s * q + b * heads * 64 * (64 + 128 + 192 + 256) * s
     sdpa = n * (s * (2 * q + 2 * kv) + 4 * heads)  # q, k, v, output; fp32 log-sum-exp per head
@@ -278,7 +278,7 @@ def test_saved_tensors_of_a_lorakit_step_match_the_layer_terms(attn, quantize):
     persistent = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(model.buffers())}
     names = {module: name for name, module in model.named_modules()}
     stack = ["loss"]
-    # Not on the adapters' base layers: a hooked base runs its own forward instead of lora_node's, as training doesn't.
+    # Not on the adapters' base layers: a hooked base runs its own forward, not the LoRA node's, as training doesn't.
     bases = {id(module.base_layer) for module in model.modules() if isinstance(module, LoraLinear)}
     hooks = [hook for module in model.modules() if id(module) not in bases for hook in (
         module.register_forward_pre_hook(lambda m, args: stack.append(names[m])),

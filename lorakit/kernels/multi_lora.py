@@ -6,6 +6,8 @@ smaller rank, or an adapter that does not target this layer, adds exactly nothin
 adapter is a list of entries (row, adapter slot, weight): a plain request has one entry per row, a blend
 one per adapter it mixes (a weighted sum of updates, nothing merged), and a base-model row none.
 
+- `compiled_bgmv` (CPU): the gathered form as one compiled loop that reads each entry's A and B rows where
+  they lie in the table (Punica's BGMV), instead of copying them out first; for few rows per adapter.
 - `segmented`: entries sorted by adapter; one pair of matmuls per distinct adapter over its rows (Punica's
   segmented matmul as a loop), added into the output with one index_add. Pays when adapters have many rows.
 - `gathered`: every entry's A and B gathered into a batch and two bmm's; pays when each adapter has few
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.kernels.compile import compile_machine_check, compiled, dispatch_mode_check
 from lorakit.kernels.dispatch import Kernel, call, register
 
 OP = "multi_lora"
@@ -88,6 +91,26 @@ def _gathered(out, x, A_table, B_table, entries):
     return out.index_add_(0, entries.rows, updates.to(out.dtype))
 
 
+def _bgmv_loop(out, x, A_table, B_table, rows, slots, weights):
+    h = (A_table[slots].float() * x[rows].float()[:, None, :]).sum(-1)  # [M, R]: indirect loads, no copy
+    h = (h * weights[:, None]).to(A_table.dtype).float()  # rounded as the bmm path rounds it
+    update = (B_table[slots].float() * h[:, None, :]).sum(-1)  # [M, out]
+    return out.index_add_(0, rows, update.to(out.dtype))
+
+
+_BGMV = compiled(_bgmv_loop)
+
+
+def _compiled_bgmv(out, x, A_table, B_table, entries):
+    return _BGMV(out, x, A_table, B_table, entries.rows, entries.slots, entries.weights)
+
+
+def _bgmv_accepts(out, x, A_table, B_table, entries) -> str | None:
+    if x.device.type != "cpu":
+        return "not a CPU tensor"
+    return _few_rows_per_adapter(out, x, A_table, B_table, entries) or dispatch_mode_check()
+
+
 def _few_rows_per_adapter(out, x, A_table, B_table, entries) -> str | None:
     distinct = int(torch.unique(entries.slots).numel()) if entries.slots.numel() else 0
     if distinct and entries.slots.numel() <= GATHER_MAX_ROWS_PER_ADAPTER * distinct:
@@ -96,6 +119,7 @@ def _few_rows_per_adapter(out, x, A_table, B_table, entries) -> str | None:
 
 
 register(OP, [
+    Kernel("compiled_bgmv", _compiled_bgmv, compile_machine_check, _bgmv_accepts),
     Kernel("gathered", _gathered, accepts=_few_rows_per_adapter),
     Kernel("segmented", _segmented),
     Kernel("reference", multi_lora_reference),

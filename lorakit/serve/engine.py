@@ -63,6 +63,16 @@ class Request:
         return self.finish_reason is not None
 
 
+def encode(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt: a string as is, a list of chat messages through the chat template."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    raise LorakitError(f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}")
+
+
 def parse_mix(adapter: str | dict[str, float] | None) -> dict[str, float]:
     """{name: weight} of one request: None = the base model, a name = that adapter, a dict = a blend."""
     if adapter is None:
@@ -168,13 +178,8 @@ class Engine:
     # ---------------------------------------------------------------------------------- requests
 
     def encode(self, prompt: str | list[dict[str, str]]) -> list[int]:
-        """Token ids of a prompt: a string as is, a list of chat messages through the chat template."""
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        raise LorakitError(f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}")
+        """Token ids of a prompt (see `encode`)."""
+        return encode(self.tokenizer, prompt)
 
     def submit(self, prompt: str | list[dict[str, str]], adapter: str | dict[str, float] | None = None,
                max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -229,11 +234,16 @@ class Engine:
         return moved
 
     def _admit(self) -> list[Request]:
-        admitted = []
+        """Move waiting requests into free slots, in order; at most one adapter is read from disk per step."""
+        admitted, reads = [], 0
         for request in list(self.waiting):
             if len(self.running) >= self.max_batch:
                 break
             names = list(request.mix)
+            misses = sum(name not in self.cache.loaded for name in names)
+            if misses and reads + misses > 1 and (reads or admitted):
+                continue  # a disk read waits for the next step, so running requests stall one read at most
+            reads += misses
             for name in names:
                 self.cache.pin(name)  # pinned first: making one resident must not evict another of its own
             if not self._make_resident(names):

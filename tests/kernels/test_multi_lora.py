@@ -76,7 +76,8 @@ def test_dispatch_gathers_for_few_rows_per_adapter_and_segments_for_many():
     x, out = torch.randn(64, 32), torch.randn(64, 32)
     distinct = Entries.build([{row % 16: 1.0} for row in range(64)])  # 4 rows per adapter
     shared = Entries.build([{row % 2: 1.0} for row in range(64)])  # 32 rows per adapter
-    assert select(OP, out, x, A, B, distinct).name == "gathered"
+    assert select(OP, out, x, A, B, distinct).name == "compiled_bgmv"
+    assert select(OP, out, x, A, B, distinct.expand(8)).name == "segmented"  # prefill: many tokens per adapter
     assert select(OP, out, x, A, B, shared).name == "segmented"
 
 

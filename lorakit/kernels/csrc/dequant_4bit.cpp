@@ -4,7 +4,7 @@
 // Per 16 packed bytes: widen to 16 int32, split high/low nibbles, interleave them into output
 // order (high nibble first), look both halves up in the 16-entry code with one permute each,
 // scale by the block's fp32 absmax and round to bf16 the way torch does (nearest even).
-// Built at first use by lorakit/quant/cpu_native.py with -ffp-contract=off, so that the nested
+// Built at first use by lorakit/kernels/dequant_4bit.py with -ffp-contract=off, so that the nested
 // absmax (code2[q] * absmax2 + offset) is rounded twice, as the reference rounds it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
