@@ -27,7 +27,7 @@ from lorakit.kernels.compile import compile_machine_check, compiled, dispatch_mo
 from lorakit.kernels.dispatch import Kernel, call, register
 
 OP = "multi_lora"
-GATHER_MAX_ROWS_PER_ADAPTER = 4  # below this many rows per distinct adapter, one bmm beats a loop
+GATHER_MAX_ROWS_PER_ADAPTER = 16  # up to this many rows per distinct adapter, gathering beats a loop of matmuls
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class Entries:
     rows: torch.Tensor  # long [M], row of x
     slots: torch.Tensor  # long [M], adapter slot in the table
     weights: torch.Tensor  # float [M], the entry's weight (1 for a plain request)
+    distinct: int = 0  # distinct slots, counted once when built (every layer's dispatch reads it)
+    single: bool = False  # every row of x takes one slot with weight 1, in row order: one plain LoRA update
 
     @staticmethod
     def build(row_adapters: list[dict[int, float]], device: torch.device | str = "cpu") -> Entries:
@@ -47,9 +49,11 @@ class Entries:
                 rows.append(row)
                 slots.append(slot)
                 weights.append(weight)
+        single = (len(set(slots)) == 1 and rows == list(range(len(row_adapters)))
+                  and all(weight == 1.0 for weight in weights))
         return Entries(torch.tensor(rows, dtype=torch.long, device=device),
                        torch.tensor(slots, dtype=torch.long, device=device),
-                       torch.tensor(weights, dtype=torch.float32, device=device))
+                       torch.tensor(weights, dtype=torch.float32, device=device), len(set(slots)), single)
 
     def expand(self, tokens_per_row: int) -> Entries:
         """The entries of a [rows * tokens_per_row, in] view of x (each token of a row takes the row's adapters)."""
@@ -58,7 +62,7 @@ class Entries:
         offsets = torch.arange(tokens_per_row, device=self.rows.device)
         rows = (self.rows[:, None] * tokens_per_row + offsets).reshape(-1)
         repeat = lambda t: t[:, None].expand(-1, tokens_per_row).reshape(-1)  # noqa: E731
-        return Entries(rows, repeat(self.slots), repeat(self.weights))
+        return Entries(rows, repeat(self.slots), repeat(self.weights), self.distinct, self.single)
 
 
 def multi_lora_reference(out: torch.Tensor, x: torch.Tensor, A_table: torch.Tensor, B_table: torch.Tensor,
@@ -71,6 +75,9 @@ def multi_lora_reference(out: torch.Tensor, x: torch.Tensor, A_table: torch.Tens
 
 
 def _segmented(out, x, A_table, B_table, entries):
+    if entries.single:  # one adapter for every row: a plain LoRA update, added inside the second matmul
+        slot = int(entries.slots[0])
+        return out.addmm_(x @ A_table[slot].t(), B_table[slot].t())
     order = torch.argsort(entries.slots, stable=True)
     rows, slots, weights = entries.rows[order], entries.slots[order], entries.weights[order]
     unique, counts = torch.unique_consecutive(slots, return_counts=True)
@@ -112,7 +119,7 @@ def _bgmv_accepts(out, x, A_table, B_table, entries) -> str | None:
 
 
 def _few_rows_per_adapter(out, x, A_table, B_table, entries) -> str | None:
-    distinct = int(torch.unique(entries.slots).numel()) if entries.slots.numel() else 0
+    distinct = entries.distinct
     if distinct and entries.slots.numel() <= GATHER_MAX_ROWS_PER_ADAPTER * distinct:
         return None
     return f"more than {GATHER_MAX_ROWS_PER_ADAPTER} rows per adapter: the segmented loop is cheaper"

@@ -77,8 +77,21 @@ def test_dispatch_gathers_for_few_rows_per_adapter_and_segments_for_many():
     distinct = Entries.build([{row % 16: 1.0} for row in range(64)])  # 4 rows per adapter
     shared = Entries.build([{row % 2: 1.0} for row in range(64)])  # 32 rows per adapter
     assert select(OP, out, x, A, B, distinct).name == "compiled_bgmv"
-    assert select(OP, out, x, A, B, distinct.expand(8)).name == "segmented"  # prefill: many tokens per adapter
     assert select(OP, out, x, A, B, shared).name == "segmented"
+    assert select(OP, out, x, A, B, distinct.expand(8)).name == "segmented"  # prefill: many tokens per adapter
+
+
+def test_one_adapter_for_every_row_is_a_plain_lora_update():
+    A, B = _tables(2, 8, 32, 24, [8, 8], torch.float32, "cpu")
+    x, out = torch.randn(5, 32), torch.randn(5, 24)
+    single = Entries.build([{1: 1.0}] * 5)
+    assert single.single and not Entries.build([{1: 1.0}] * 4 + [{}]).single
+    assert not Entries.build([{1: 0.5}] * 5).single and not Entries.build([{0: 1.0}, {1: 1.0}]).single
+    expected = multi_lora_reference(out.clone(), x, A, B, single)
+    assert torch.allclose(multi_lora(out.clone(), x, A, B, single), expected, atol=1e-5)
+    x3, out3 = torch.randn(15, 32), torch.randn(15, 24)  # the same rows as [5, 3 tokens, ...]
+    assert torch.allclose(multi_lora(out3.clone(), x3, A, B, single.expand(3)),
+                          multi_lora_reference(out3.clone(), x3, A, B, single.expand(3)), atol=1e-5)
 
 
 def test_entries_expand_over_tokens():
