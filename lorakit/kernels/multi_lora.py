@@ -39,10 +39,12 @@ class Entries:
     weights: torch.Tensor  # float [M], the entry's weight (1 for a plain request)
     distinct: int = 0  # distinct slots, counted once when built (every layer's dispatch reads it)
     single: bool = False  # every row of x takes one slot with weight 1, in row order: one plain LoRA update
+    ranks: tuple = ()  # (slot, true rank) pairs: a loop over adapters reads no padding beyond them
 
     @staticmethod
-    def build(row_adapters: list[dict[int, float]], device: torch.device | str = "cpu") -> Entries:
-        """From one {slot: weight} per row (empty for the base model)."""
+    def build(row_adapters: list[dict[int, float]], device: torch.device | str = "cpu",
+              ranks: dict[int, int] | None = None) -> Entries:
+        """From one {slot: weight} per row (empty for the base model); `ranks`: each slot's true rank, if known."""
         rows, slots, weights = [], [], []
         for row, mix in enumerate(row_adapters):
             for slot, weight in mix.items():
@@ -53,7 +55,8 @@ class Entries:
                   and all(weight == 1.0 for weight in weights))
         return Entries(torch.tensor(rows, dtype=torch.long, device=device),
                        torch.tensor(slots, dtype=torch.long, device=device),
-                       torch.tensor(weights, dtype=torch.float32, device=device), len(set(slots)), single)
+                       torch.tensor(weights, dtype=torch.float32, device=device), len(set(slots)), single,
+                       tuple(sorted((ranks or {}).items())))
 
     def expand(self, tokens_per_row: int) -> Entries:
         """The entries of a [rows * tokens_per_row, in] view of x (each token of a row takes the row's adapters)."""
@@ -62,7 +65,7 @@ class Entries:
         offsets = torch.arange(tokens_per_row, device=self.rows.device)
         rows = (self.rows[:, None] * tokens_per_row + offsets).reshape(-1)
         repeat = lambda t: t[:, None].expand(-1, tokens_per_row).reshape(-1)  # noqa: E731
-        return Entries(rows, repeat(self.slots), repeat(self.weights), self.distinct, self.single)
+        return Entries(rows, repeat(self.slots), repeat(self.weights), self.distinct, self.single, self.ranks)
 
 
 def multi_lora_reference(out: torch.Tensor, x: torch.Tensor, A_table: torch.Tensor, B_table: torch.Tensor,
@@ -75,9 +78,11 @@ def multi_lora_reference(out: torch.Tensor, x: torch.Tensor, A_table: torch.Tens
 
 
 def _segmented(out, x, A_table, B_table, entries):
+    ranks = dict(entries.ranks)
     if entries.single:  # one adapter for every row: a plain LoRA update, added inside the second matmul
         slot = int(entries.slots[0])
-        return out.addmm_(x @ A_table[slot].t(), B_table[slot].t())
+        r = ranks.get(slot, A_table.shape[1])
+        return out.addmm_(x @ A_table[slot, :r].t(), B_table[slot, :, :r].t())
     order = torch.argsort(entries.slots, stable=True)
     rows, slots, weights = entries.rows[order], entries.slots[order], entries.weights[order]
     unique, counts = torch.unique_consecutive(slots, return_counts=True)
@@ -85,8 +90,9 @@ def _segmented(out, x, A_table, B_table, entries):
     start = 0
     for slot, count in zip(unique.tolist(), counts.tolist()):
         segment = slice(start, start + count)
-        h = x[rows[segment]] @ A_table[slot].t()
-        torch.mm(h * weights[segment, None].to(h.dtype), B_table[slot].t(), out=updates[segment])
+        r = ranks.get(slot, A_table.shape[1])
+        h = x[rows[segment]] @ A_table[slot, :r].t()
+        torch.mm(h * weights[segment, None].to(h.dtype), B_table[slot, :, :r].t(), out=updates[segment])
         start += count
     return out.index_add_(0, rows, updates.to(out.dtype))
 

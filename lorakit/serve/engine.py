@@ -263,7 +263,9 @@ class Engine:
                 self.cache.touch(name)
         rank = max((self.cache.loaded[n].rank if n in self.cache.loaded else self.cache.max_rank
                     for r in requests for n in r.mix), default=0)
-        self.batch.set(Entries.build(mixes, self.device) if rank else None, rank)
+        ranks = {self.cache.slots[n]: self.cache.loaded[n].rank for r in requests for n in r.mix
+                 if n in self.cache.loaded}
+        self.batch.set(Entries.build(mixes, self.device, ranks) if rank else None, rank)
 
     def _prefill(self, requests: list[Request]) -> None:
         first = len(self.running) - len(requests)

@@ -47,7 +47,7 @@ def test_fast_kernels_equal_the_reference_and_fp64(case, kernel, dtype, device):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, fan_in, generator=gen).to(dtype).to(device)
     out = torch.randn(rows, fan_out, generator=gen).to(dtype).to(device)
-    entries = Entries.build(mixes, device)
+    entries = Entries.build(mixes, device, dict(enumerate(ranks)))  # the loop then reads no padding
     fast = kernel.fn(out.clone(), x, A, B, entries)
     reference = multi_lora_reference(out.clone(), x, A, B, entries)
     expected = _fp64_expected(out, x, A, B, mixes)
