@@ -103,3 +103,18 @@ def test_optim_step_tiny_prints_its_table(tmp_path):
     # bitsandbytes also keeps its two 256-entry fp32 code maps (shared by every tensor, counted once)
     expected_bnb = 2 * (1 + 4 / 256) + 2 * 256 * 4 / results["params"]
     assert rows["bitsandbytes AdamW8bit"]["state_bytes_per_param"] == pytest.approx(expected_bnb)
+
+
+def test_serve_tiny_prints_its_table(tmp_path):
+    json_path = tmp_path / "serve.json"
+    rows_arg = "lorakit-8,lorakit-merged,peft-mixed-64,scale"
+    out = run_benchmark("serve.py", "--tiny", "--rows", rows_arg, "--json", str(json_path))
+    table = out[out.index("row                   tokens/s"):].splitlines()
+    rows = {line.split()[0]: line.split() for line in table[2:] if line.strip()}
+    assert set(rows) == set(rows_arg.split(","))
+    assert rows["peft-mixed-64"][2] == "1.00x" and rows["lorakit-merged"][3] == "1.00x"
+    summary = json.loads(json_path.read_text())["rows"]
+    # 8 requests x 8 new tokens each (16 x 8 for the scale row), every one served; the scale row's memory bound
+    assert all(summary[row]["tokens"] <= 64 and summary[row]["tokens"] > 0 for row in ("lorakit-8", "peft-mixed-64"))
+    assert summary["scale"]["tokens"] > 0 and 0 < summary["scale"]["most_in_memory"] <= 20
+    assert all(len(summary[row]["ttft"]) == 8 for row in ("lorakit-8", "lorakit-merged", "peft-mixed-64"))
