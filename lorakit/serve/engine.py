@@ -55,7 +55,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     new_tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    text: str = ""
+    text: str = ""  # the completion, set when the request finishes
 
     @property
     def done(self) -> bool:
@@ -105,7 +105,11 @@ def wrap_layers(model: nn.Module, batch: BatchAdapters, slots: int, max_rank: in
 
 
 class Engine:
-    """Many adapters over one base model, batched per step; see the module docstring."""
+    """Many adapters over one base model, batched per step; see the module docstring.
+
+    The engine takes over `model`: its decoder projections are wrapped in place (MultiLoraLinear), so a
+    model given to an engine serves through that engine only.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_loras: int = 16, max_cpu_loras: int = 64,
                  max_lora_rank: int = 64, max_batch: int = 64, max_model_len: int = 512,
@@ -196,8 +200,13 @@ class Engine:
         if len(ids) + max_new_tokens > self.max_model_len:
             raise LorakitError(f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
                                f"the engine's context of {self.max_model_len} tokens (max_model_len)")
-        if temperature < 0 or not 0 < top_p <= 1:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p))
+        if not numbers or temperature < 0 or not 0 < top_p <= 1:
             raise LorakitError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise LorakitError(f"seed must be an integer, got {seed!r}")
+        if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            raise LorakitError(f"stop must be a list of strings, got {stop!r}")
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         request = Request(next(self._ids), ids, mix, max_new_tokens, float(temperature), float(top_p),
                           list(stop or []), generator)
@@ -301,13 +310,16 @@ class Engine:
         else:
             request.output_ids.append(token)
             request.new_tokens.append(token)
-        request.text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-        for stop in request.stop:
-            if stop and stop in request.text:
-                request.text = request.text[: request.text.index(stop)]
-                request.finish_reason = "stop"
+        if request.stop:  # stop strings need the text every step; otherwise it is decoded once, at the end
+            text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+            hits = [text.index(stop) for stop in request.stop if stop and stop in text]
+            if hits:
+                request.text, request.finish_reason = text[: min(hits)], "stop"
+                return
         if request.finish_reason is None and len(request.output_ids) >= request.max_new_tokens:
             request.finish_reason = "length"
+        if request.done:
+            request.text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
 
     def _release_finished(self) -> None:
         """Drop finished sequences, unpin their adapters and compact the survivors into slots 0..B-1."""

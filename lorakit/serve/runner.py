@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Mistral and Qwen2 share it
 
 from lorakit.errors import LorakitError
 
@@ -52,8 +53,6 @@ class SlotCache:
 
 def _attention(module: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: SlotCache,
                layer: int, slots: slice, starts: torch.Tensor) -> torch.Tensor:
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     batch, tokens, _ = hidden.shape
     head_dim = module.head_dim
     q = module.q_proj(hidden).view(batch, tokens, -1, head_dim).transpose(1, 2)

@@ -69,6 +69,7 @@ def test_requests_file_runs_through_the_engine_in_order(tiny, tmp_path, capsys):
     ([{"prompt": "a", "max_new_tokens": 0}], "requests.jsonl:1: \"max_new_tokens\" must be a positive integer"),
     ([""], "requests.jsonl: no requests"),
     ([{"prompt": "a", "adapter": "nope"}], "request 1: unknown adapter 'nope'; known adapters: dates"),
+    ([{"prompt": "a"}, {"prompt": "b", "temperature": "hot"}], "request 2: temperature must be >= 0"),
 ])
 def test_bad_request_files_exit_2_with_one_line_and_write_nothing(tiny, tmp_path, capsys, lines, message):
     requests = write_requests(tmp_path / "requests.jsonl", lines)

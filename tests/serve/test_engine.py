@@ -166,6 +166,12 @@ def test_bad_input_gets_a_clear_error_and_leaves_the_engine_unchanged(setup, tmp
         engine.submit("hi", {"a0": 0.5, "zz": 0.5})
     with pytest.raises(LorakitError, match="non-empty"):
         engine.submit("hi", {})
+    with pytest.raises(LorakitError, match="temperature must be >= 0"):
+        engine.submit("hi", "a0", max_new_tokens=4, temperature="hot")
+    with pytest.raises(LorakitError, match="stop must be a list of strings"):
+        engine.submit("hi", "a0", max_new_tokens=4, stop="zz")
+    with pytest.raises(LorakitError, match="seed must be an integer"):
+        engine.submit("hi", "a0", max_new_tokens=4, seed=1.5)
     with pytest.raises(LorakitError, match="already added"):
         engine.add_adapter("a0", setup["paths"]["a0"])
     assert [a["name"] for a in engine.adapters()] == ["a0", "a1", "a2", "a3", "a5", "a6", "a7"]
