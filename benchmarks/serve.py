@@ -1,20 +1,22 @@
 """Many adapters at once: lorakit's engine vs PEFT's mixed batch and PEFT one adapter at a time.
 
-    nice python benchmarks/serve.py                     # SmolLM2-135M-Instruct bf16, 64 requests (minutes)
+    nice python benchmarks/serve.py                     # SmolLM2-135M-Instruct bf16, 64 requests, 3 rounds
     python benchmarks/serve.py --rows lorakit-64,peft-mixed-64 --json serve.json
     python benchmarks/serve.py --tiny                   # random-init tiny Llama, a few requests (CI smoke test)
 
 64 requests of ~100-token prompts, 64 new tokens each, greedy; adapters of rank 8, 16, 24 and 32 (in turn) on
-all linear layers, random factors, written to disk in PEFT format first. Rows, each in its own process run
-one after another: `lorakit-N` the engine with N distinct adapters over the 64 requests (request i takes
-adapter i mod N); `lorakit-merged` the engine on the base with adapter 0 merged in (no adapter work: the
+all linear layers, random factors, written to disk in PEFT format first. Rows, each in its own process, run one
+after another in rounds (every row once per round), so a row and the rows it is compared with run minutes apart,
+not a whole run apart; a ratio is taken within each round and the table gives its median over the rounds, and
+each row's median tokens/s. `lorakit-N`: the engine with N distinct adapters over the 64 requests (request i
+takes adapter i mod N); `lorakit-merged` the engine on the base with adapter 0 merged in (no adapter work: the
 ceiling); `peft-mixed-64` PEFT's mixed batch (`generate(adapter_names=...)`, one batch); `peft-sequential-64`
 PEFT one adapter at a time (`set_adapter`, then one batched `generate` per adapter's requests); `peft-1` PEFT's
 `generate` on the whole batch with one adapter. tokens/s = generated tokens (up to each end of sequence) over
-the wall time from the first submit to the last token; time to first token per request from that start;
-"peak RSS MB" the row process's `ru_maxrss`, model loading included. The `scale` row writes 1,000 small
-adapters (r=4 on q_proj and v_proj) and serves 256 requests (16 new tokens) each naming a random one,
-with max_loras=16 and max_cpu_loras=64, and reports the most adapters ever held in memory.
+the wall time from the first submit to the last token; time to first token per request from that start; "peak
+RSS MB" the row process's `ru_maxrss`, model loading included. The `scale` row writes 1,000 small adapters (r=4
+on q_proj and v_proj) and serves 256 requests (16 new tokens) each naming a random one, with max_loras=16 and
+max_cpu_loras=64, and reports the most adapters ever held in memory.
 """
 
 from __future__ import annotations
@@ -232,22 +234,55 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """tokens/s, its ratio to peft-mixed-64 and to lorakit-merged, time to first token, peak RSS."""
+def median(values: list[float]) -> float:
+    """The median (the mean of the middle two for an even count)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def speed(run: dict) -> float:
+    """Generated tokens per second of one run of a row."""
+    return run["tokens"] / run["seconds"]
+
+
+def paired_ratio(rounds: dict[str, list[dict]], name: str, peer: str) -> float | None:
+    """Median over rounds of name's tokens/s over peer's in the same round (None without both)."""
+    pairs = [speed(a) / speed(b) for a, b in zip(rounds.get(name, []), rounds.get(peer, []))
+             if "error" not in a and "error" not in b]
+    return median(pairs) if pairs else None
+
+
+def format_table(rounds: dict[str, list[dict]]) -> str:
+    """Median tokens/s, paired ratios to peft-mixed-64 and lorakit-merged, TTFT of the median run, peak RSS."""
     header = (f"{'row':<20} {'tokens/s':>9} {'vs peft mixed':>13} {'vs merged':>9} {'TTFT p50 s':>10} "
-              f"{'TTFT p99 s':>10} {'peak RSS MB':>11} {'tokens':>7}")
+              f"{'TTFT p99 s':>10} {'peak RSS MB':>11} {'tokens':>7} {'runs':>4}")
     lines = [header, "-" * len(header)]
-    speed = {name: r["tokens"] / r["seconds"] for name, r in results.items() if "error" not in r}
-    for name, r in results.items():
-        if "error" in r:
-            lines.append(f"{name:<20} failed: {r['error']}")
+    for name, runs in rounds.items():
+        good = [r for r in runs if "error" not in r]
+        if not good:
+            lines.append(f"{name:<20} failed: {runs[0]['error']}")
             continue
-        vs_peft = f"{speed[name] / speed['peft-mixed-64']:.2f}x" if "peft-mixed-64" in speed else "-"
-        vs_merged = f"{speed[name] / speed['lorakit-merged']:.2f}x" if "lorakit-merged" in speed else "-"
-        extra = f"  (held at most {r['most_in_memory']} in memory)" if name == "scale" else ""
-        lines.append(f"{name:<20} {speed[name]:9.1f} {vs_peft:>13} {vs_merged:>9} {percentile(r['ttft'], 0.5):10.2f} "
-                     f"{percentile(r['ttft'], 0.99):10.2f} {r['peak_rss_bytes'] / 1e6:11.0f} {r['tokens']:7d}{extra}")
+        middle = sorted(good, key=speed)[len(good) // 2]
+        ratios = [paired_ratio(rounds, name, peer) for peer in ("peft-mixed-64", "lorakit-merged")]
+        vs_peft, vs_merged = (f"{ratio:.2f}x" if ratio is not None else "-" for ratio in ratios)
+        extra = f"  (held at most {middle['most_in_memory']} in memory)" if name == "scale" else ""
+        lines.append(f"{name:<20} {median([speed(r) for r in good]):9.1f} {vs_peft:>13} {vs_merged:>9} "
+                     f"{percentile(middle['ttft'], 0.5):10.2f} {percentile(middle['ttft'], 0.99):10.2f} "
+                     f"{max(r['peak_rss_bytes'] for r in good) / 1e6:11.0f} {middle['tokens']:7d} {len(good):4d}"
+                     f"{extra}")
     return "\n".join(lines)
+
+
+def run_row(row: str, workdir: Path, common: list[str]) -> dict:
+    """One run of a row in a fresh process: its result, or {"error": ...}."""
+    command = [sys.executable, __file__, "--row", row, "--workdir", str(workdir)] + common
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    line = next((line for line in proc.stdout.splitlines() if line.startswith(TAG)), None)
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    result = json.loads(line[len(TAG):]) if line else {"error": f"exit {proc.returncode}: {tail}"}
+    return result | {"wall": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -259,6 +294,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default 64; tiny 8)")
     parser.add_argument("--scale-adapters", type=int, default=None, help="adapters of the scale row (default 1000)")
     parser.add_argument("--scale-requests", type=int, default=None, help="requests of the scale row (default 256)")
+    parser.add_argument("--rounds", type=int, default=None, help="runs of every row but scale (default 3; tiny 1)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -269,6 +305,8 @@ def main() -> None:
     for key, (tiny, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
+    if args.rounds is None:
+        args.rounds = 1 if args.tiny else 3
     if args.row:
         serve_row(args.row, args)
         return
@@ -289,23 +327,22 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--prepare", "--workdir", str(workdir)] + common + scale, check=True,
                        capture_output=True)
         print(f"adapters written ({time.perf_counter() - started:.0f} s)", flush=True)
-        results = {}
-        for row in rows:
-            command = [sys.executable, __file__, "--row", row, "--workdir", str(workdir)] + common
-            started = time.perf_counter()
-            proc = subprocess.run(command, capture_output=True, text=True)
-            line = next((line for line in proc.stdout.splitlines() if line.startswith(TAG)), None)
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            results[row] = json.loads(line[len(TAG):]) if line else {"error": f"exit {proc.returncode}: {tail}"}
-            print(f"{row}: {time.perf_counter() - started:.0f} s", flush=True)
+        results: dict[str, list[dict]] = {row: [] for row in rows}
+        for round_index in range(args.rounds):
+            for row in rows:
+                if row == "scale" and round_index:
+                    continue  # one run: it measures capacity, not a ratio
+                results[row].append(run_row(row, workdir, common))
+                print(f"round {round_index + 1}/{args.rounds} {row}: {results[row][-1].get('wall', 0):.0f} s",
+                      flush=True)
     model = "tiny random-init Llama" if args.tiny else "SmolLM2-135M-Instruct bf16"
     print(f"\nServing, {model}, {args.requests} requests x ~{args.prompt_tokens} prompt tokens, {args.new_tokens} new "
-          f"tokens, greedy; {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
+          f"tokens, greedy, {args.rounds} round(s); {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": results}, indent=2))
-    if any("error" in r for r in results.values()):
+    if any("error" in r for runs in results.values() for r in runs):
         sys.exit(1)
 
 

@@ -4,8 +4,17 @@
 references. Importing this package registers every operation in `dispatch.TABLE`.
 """
 
-from lorakit.kernels import attention, cross_entropy, dequant_4bit, lora_linear, multi_lora, rms_norm, swiglu
+from lorakit.kernels import (
+    attention,
+    cache_attention,
+    cross_entropy,
+    dequant_4bit,
+    lora_linear,
+    multi_lora,
+    rms_norm,
+    swiglu,
+)
 from lorakit.kernels.dispatch import TABLE, Kernel, forced_reference, select, why_not
 
-__all__ = ["TABLE", "Kernel", "attention", "cross_entropy", "dequant_4bit", "forced_reference", "lora_linear",
-           "multi_lora", "rms_norm", "select", "swiglu", "why_not"]
+__all__ = ["TABLE", "Kernel", "attention", "cache_attention", "cross_entropy", "dequant_4bit", "forced_reference",
+           "lora_linear", "multi_lora", "rms_norm", "select", "swiglu", "why_not"]

@@ -26,18 +26,17 @@ def _example_state(device: str) -> Any:
 
 def _multi_lora_example(device: str) -> tuple:
     """A decoding step of 64 sequences over 64 distinct resident adapters (rank 16) on q_proj."""
-    from lorakit.kernels.multi_lora import Entries
+    from lorakit.kernels.multi_lora import Entries, Tables
 
     rows = 64
-    entries = Entries.build([{row: 1.0} for row in range(rows)], device)
-    return (torch.empty(rows, HIDDEN, dtype=torch.bfloat16, device=device),
-            torch.empty(rows, HIDDEN, dtype=torch.bfloat16, device=device),
-            torch.empty(rows, 16, HIDDEN, dtype=torch.bfloat16, device=device),
-            torch.empty(rows, HIDDEN, 16, dtype=torch.bfloat16, device=device), entries)
+    entries = Entries.build([{row: 1.0} for row in range(rows)], device, {row: 16 for row in range(rows)})
+    return (torch.empty(rows, 1, HIDDEN, dtype=torch.bfloat16, device=device),
+            torch.empty(rows, 1, HIDDEN, dtype=torch.bfloat16, device=device),
+            Tables.zeros(rows, 16, HIDDEN, HIDDEN, torch.bfloat16, device), entries)
 
 
 def example_inputs(device: str) -> dict[str, tuple]:
-    """One typical call of every operation, on `device`, in bf16."""
+    """One typical call of every operation, on `device`, in bf16 (serving ops: a 64-row decoding step)."""
     bf16 = {"dtype": torch.bfloat16, "device": device}
     attention_module = nn.Module()
     attention_module.is_causal = True
@@ -54,6 +53,10 @@ def example_inputs(device: str) -> dict[str, tuple]:
         "rms_norm": (torch.empty(BATCH, SEQ, HIDDEN, **bf16), torch.ones(HIDDEN, **bf16), 1e-5),
         "lora_linear": (torch.empty(BATCH, SEQ, HIDDEN, **bf16), base, lora_a, lora_b, nn.Identity(), 2.0),
         "multi_lora": _multi_lora_example(device),
+        "cache_attention": (torch.empty(64, HEADS, 1, HEAD_DIM, **bf16),
+                            torch.empty(64, KV_HEADS, 160, HEAD_DIM, **bf16),
+                            torch.empty(64, KV_HEADS, 160, HEAD_DIM, **bf16),
+                            torch.full((64,), 159, dtype=torch.long, device=device), HEAD_DIM**-0.5),
         "cross_entropy": (torch.empty(BATCH, SEQ, HIDDEN, **bf16), torch.empty(VOCAB, HIDDEN, **bf16),
                           torch.zeros(BATCH, SEQ, dtype=torch.long, device=device)),
     }
@@ -63,7 +66,7 @@ def report_lines(device: str | None = None) -> list[str]:
     """The report, one line per operation and one per implementation."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"lorakit kernels on {device} (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-             f"torch {torch.__version__}), for SmolLM2-135M training shapes in bf16:"]
+             f"torch {torch.__version__}), for SmolLM2-135M shapes in bf16 (training; serving: 64 rows decoding):"]
     with torch.enable_grad():
         for op, args in example_inputs(device).items():
             chosen = dispatch.select(op, *args)

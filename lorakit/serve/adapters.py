@@ -24,7 +24,7 @@ from lorakit.peft_keys import LINEAR_FACTORS, parse_peft_key
 
 @dataclass
 class LoadedAdapter:
-    """One adapter in memory: per adapted module path, (A [r, in], scale * B [out, r]) in fp32."""
+    """One adapter in memory: per adapted module path, (A [r, in], scale * B [out, r]) in the engine's dtype."""
 
     name: str
     path: Path
@@ -38,8 +38,12 @@ class LoadedAdapter:
 
 
 def read_adapter(name: str, path: str | os.PathLike, shapes: dict[str, tuple[int, int]],
-                 max_rank: int) -> LoadedAdapter:
-    """Read a PEFT adapter folder for a base whose adaptable layers have `shapes` {path: (in, out)}."""
+                 max_rank: int, dtype: torch.dtype = torch.float32) -> LoadedAdapter:
+    """Read a PEFT adapter folder for a base whose adaptable layers have `shapes` {path: (in, out)}.
+
+    The scale is applied in fp32 and the factors then rounded to `dtype` once: exactly what the engine's
+    tables would hold, so keeping them in the tables' dtype changes no output and halves a bf16 cache.
+    """
     folder = Path(path)
     config = read_adapter_config(folder)
     if config.modules_to_save or config.bias != "none":
@@ -58,7 +62,7 @@ def read_adapter(name: str, path: str | os.PathLike, shapes: dict[str, tuple[int
         A, B = _check_pair(name, folder, module, pair, shapes, max_rank)
         r = A.shape[0]
         scale = lora_scale(config.alpha_for(module), r, config.use_rslora)
-        factors[module] = (A.float(), B.float() * scale)
+        factors[module] = (A.float().to(dtype), (B.float() * scale).to(dtype))
         rank = max(rank, r)
     if not factors:
         raise LorakitError(f"adapter {name!r} ({folder}): holds no LoRA factors")
@@ -92,7 +96,9 @@ class AdapterCache:
     max_loras: int
     max_cpu_loras: int
     max_rank: int
+    dtype: torch.dtype = torch.float32  # the factors' dtype in memory: the tables' dtype
     paths: dict[str, Path] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # registered name -> its largest rank (kept when evicted)
     loaded: OrderedDict = field(default_factory=OrderedDict)  # name -> LoadedAdapter, least recent first
     slots: dict[str, int] = field(default_factory=dict)  # resident name -> table slot
     slot_used: OrderedDict = field(default_factory=OrderedDict)  # resident name -> None, least recent first
@@ -104,8 +110,9 @@ class AdapterCache:
             raise LorakitError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self.paths:
             raise LorakitError(f"adapter {name!r} is already added; remove_adapter({name!r}) first")
-        adapter = read_adapter(name, path, self.shapes, self.max_rank)
+        adapter = read_adapter(name, path, self.shapes, self.max_rank, self.dtype)
         self.paths[name] = adapter.path
+        self.ranks[name] = adapter.rank
         self._remember(adapter)
         return adapter
 
@@ -116,6 +123,7 @@ class AdapterCache:
             raise LorakitError(f"adapter {name!r} is in use by {self.pins[name]} running request(s); "
                                "remove it when they finish")
         del self.paths[name]
+        del self.ranks[name]
         self.loaded.pop(name, None)
         self.slots.pop(name, None)
         self.slot_used.pop(name, None)
@@ -132,7 +140,7 @@ class AdapterCache:
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return self.loaded[name]
-        adapter = read_adapter(name, self.paths[name], self.shapes, self.max_rank)
+        adapter = read_adapter(name, self.paths[name], self.shapes, self.max_rank, self.dtype)
         self._remember(adapter)
         return adapter
 

@@ -6,7 +6,9 @@ it never fails the engine), prefills their prompts in chunks, then runs one deco
 sequence at once. In each adapted layer the base product runs once for the batch and every row's low-rank
 update comes from the adapter table (`serve/layers.py`, `kernels/multi_lora.py`); a blend is a weighted sum
 of updates in the same pass. Finished sequences leave at once and the rest are compacted into slots
-0..B-1, so a decoding step reads plain views of the cache.
+0..B-1, so a decoding step reads plain views of the cache. Like `lk.enable_fast_training`, the engine keeps
+freed CPU memory in the process (`kernels/allocator.py`): every step allocates the same activation-sized
+blocks, which glibc would otherwise hand back and fault in again; `close()` puts glibc's defaults back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.kernels import allocator
 from lorakit.kernels.multi_lora import Entries
 from lorakit.serve import runner
 from lorakit.serve.adapters import AdapterCache
@@ -127,7 +130,7 @@ class Engine:
         self.device = model.get_input_embeddings().weight.device
         self.batch = BatchAdapters()
         self.layers, shapes = wrap_layers(model, self.batch, max_loras, max_lora_rank, self.dtype)
-        self.cache = AdapterCache(shapes, max_loras, max_cpu_loras, max_lora_rank)
+        self.cache = AdapterCache(shapes, max_loras, max_cpu_loras, max_lora_rank, self.dtype)
         self.kv = runner.SlotCache(model, max_batch, max_model_len, self.dtype, self.device)
         self.max_batch, self.max_model_len, self.prefill_chunk = max_batch, max_model_len, prefill_chunk
         self.waiting: list[Request] = []
@@ -135,6 +138,13 @@ class Engine:
         self.lengths: list[int] = []  # tokens in the cache of each running request
         self.eos_ids = self._eos_ids()
         self._ids = itertools.count()
+        self._set_allocator = not allocator.retaining() and allocator.retain_freed_memory()
+
+    def close(self) -> None:
+        """Undo the engine's process-wide allocator setting (when it made it); the engine stays usable."""
+        if self._set_allocator:
+            allocator.restore_default_allocator()
+            self._set_allocator = False
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -161,7 +171,7 @@ class Engine:
         cache = self.cache
         return [{"name": name, "path": str(path), "in_memory": name in cache.loaded,
                  "resident": name in cache.slots, "in_use": cache.pins.get(name, 0),
-                 "rank": cache.loaded[name].rank if name in cache.loaded else None}
+                 "rank": cache.ranks[name]}
                 for name, path in sorted(cache.paths.items())]
 
     def _make_resident(self, names: list[str]) -> bool:
@@ -270,11 +280,8 @@ class Engine:
         for r in requests:
             for name in r.mix:
                 self.cache.touch(name)
-        rank = max((self.cache.loaded[n].rank if n in self.cache.loaded else self.cache.max_rank
-                    for r in requests for n in r.mix), default=0)
-        ranks = {self.cache.slots[n]: self.cache.loaded[n].rank for r in requests for n in r.mix
-                 if n in self.cache.loaded}
-        self.batch.set(Entries.build(mixes, self.device, ranks) if rank else None, rank)
+        ranks = {self.cache.slots[n]: self.cache.ranks[n] for r in requests for n in r.mix}
+        self.batch.entries = Entries.build(mixes, self.device, ranks) if any(mixes) else None
 
     def _prefill(self, requests: list[Request]) -> None:
         first = len(self.running) - len(requests)

@@ -10,11 +10,11 @@ the head); only attention is done here, over the slots, with each row's own leng
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Mistral and Qwen2 share it
 
 from lorakit.errors import LorakitError
+from lorakit.kernels.cache_attention import cache_attention
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -70,11 +70,7 @@ def _attention(module: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: 
             keys[row, :, start:start + tokens] = k[row]
             values[row, :, start:start + tokens] = v[row]
     length = int(starts.max()) + tokens
-    positions = starts[:, None] + torch.arange(tokens, device=starts.device)  # [B, T] query positions
-    mask = torch.arange(length, device=starts.device)[None, None, :] <= positions[:, :, None]  # [B, T, L]
-    out = F.scaled_dot_product_attention(q, keys[:, :, :length].to(q.dtype), values[:, :, :length].to(q.dtype),
-                                         attn_mask=mask[:, None], scale=module.scaling,
-                                         enable_gqa=q.shape[1] != keys.shape[1])
+    out = cache_attention(q, keys[:, :, :length], values[:, :, :length], starts, module.scaling)
     return module.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 

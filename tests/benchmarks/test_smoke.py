@@ -108,12 +108,18 @@ def test_optim_step_tiny_prints_its_table(tmp_path):
 def test_serve_tiny_prints_its_table(tmp_path):
     json_path = tmp_path / "serve.json"
     rows_arg = "lorakit-8,lorakit-merged,peft-mixed-64,scale"
-    out = run_benchmark("serve.py", "--tiny", "--rows", rows_arg, "--json", str(json_path))
+    out = run_benchmark("serve.py", "--tiny", "--rounds", "2", "--rows", rows_arg, "--json", str(json_path))
     table = out[out.index("row                   tokens/s"):].splitlines()
     rows = {line.split()[0]: line.split() for line in table[2:] if line.strip()}
     assert set(rows) == set(rows_arg.split(","))
     assert rows["peft-mixed-64"][2] == "1.00x" and rows["lorakit-merged"][3] == "1.00x"
-    summary = json.loads(json_path.read_text())["rows"]
+    runs = json.loads(json_path.read_text())["rows"]
+    assert {row: len(r) for row, r in runs.items()} == {"lorakit-8": 2, "lorakit-merged": 2, "peft-mixed-64": 2,
+                                                        "scale": 1}  # every row per round, scale once
+    ratios = sorted(a["tokens"] / a["seconds"] / (b["tokens"] / b["seconds"])
+                    for a, b in zip(runs["lorakit-8"], runs["peft-mixed-64"]))
+    assert rows["lorakit-8"][2] == f"{sum(ratios) / 2:.2f}x"  # the median of the per-round (paired) ratios
+    summary = {row: r[0] for row, r in runs.items()}
     # 8 requests x 8 new tokens each (16 x 8 for the scale row), every one served; the scale row's memory bound
     assert all(summary[row]["tokens"] <= 64 and summary[row]["tokens"] > 0 for row in ("lorakit-8", "peft-mixed-64"))
     assert summary["scale"]["tokens"] > 0 and 0 < summary["scale"]["most_in_memory"] <= 20

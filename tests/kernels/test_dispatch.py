@@ -13,7 +13,8 @@ from lorakit.kernels import compile as compile_module
 from lorakit.kernels.dispatch import TABLE, reference, select, why_not
 from lorakit.kernels.report import example_inputs, report_lines
 
-OPS = ("dequantize_4bit", "attention", "silu_mul", "rms_norm", "lora_linear", "multi_lora", "cross_entropy")
+OPS = ("dequantize_4bit", "attention", "silu_mul", "rms_norm", "lora_linear", "multi_lora", "cache_attention",
+       "cross_entropy")
 
 
 def test_every_operation_is_registered_with_a_reference_last():
