@@ -108,17 +108,22 @@ def run_engine(engine, texts: list[str], adapters: list, new_tokens: int) -> dic
     start = time.perf_counter()
     requests = [engine.submit(text, adapter, max_new_tokens=new_tokens) for text, adapter in zip(texts, adapters)]
     first: dict[int, float] = {}
-    most_in_memory = 0
+    most_in_memory, steps = 0, []
     while not all(r.done for r in requests):
+        before = time.perf_counter()
         engine.step()
+        steps.append(time.perf_counter() - before)
         now = time.perf_counter() - start
         for r in requests:
             if r.id not in first and (r.output_ids or r.done):
                 first[r.id] = now
         most_in_memory = max(most_in_memory, len(engine.cache.loaded))
     elapsed = time.perf_counter() - start
+    used = {name for r in requests for name in r.mix}
     return {"seconds": elapsed, "tokens": sum(len(r.output_ids) for r in requests),
-            "ttft": sorted(first.values()), "most_in_memory": most_in_memory}
+            "ttft": sorted(first.values()), "most_in_memory": most_in_memory,
+            "decode_steps": len(steps) - 1, "decode_step_s": median(steps[1:]) if len(steps) > 1 else 0.0,
+            "adapter_bytes": sum(engine.cache.loaded[n].nbytes for n in used if n in engine.cache.loaded)}
 
 
 def lorakit_row(name: str, workdir: Path, tiny: bool, texts: list[str], new_tokens: int) -> dict:
@@ -285,6 +290,38 @@ def run_row(row: str, workdir: Path, common: list[str]) -> dict:
     return result | {"wall": time.perf_counter() - started}
 
 
+def read_bandwidth() -> float:
+    """Bytes per second this machine reads from memory: a max over 512 MB of bf16 (best of three)."""
+    data = torch.ones(256 * 1024 * 1024, dtype=torch.bfloat16)
+    data.view(-1, 1024).amax()
+    best = min(timed(lambda: data.view(-1, 1024).amax()) for _ in range(3))
+    return data.numel() * data.element_size() / best
+
+
+def timed(fn) -> float:
+    """Seconds one call of fn takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bound_line(rounds: dict[str, list[dict]], bandwidth: float) -> str:
+    """What memory traffic alone allows: each decoding step over 64 adapters reads all of them once."""
+    multi, merged = rounds.get("lorakit-64", []), rounds.get("lorakit-merged", [])
+    multi, merged = [r for r in multi if "error" not in r], [r for r in merged if "error" not in r]
+    if not multi or not merged:
+        return ""
+    adapter_bytes = multi[0]["adapter_bytes"]
+    floor = adapter_bytes / bandwidth
+    step = median([r["decode_step_s"] for r in merged])
+    seconds = median([r["seconds"] for r in merged])
+    best = seconds / (seconds + multi[0]["decode_steps"] * floor)
+    return (f"lorakit-64 reads {adapter_bytes / 1e6:.0f} MB of adapter factors (bf16, true ranks) per decoding step; "
+            f"at this machine's {bandwidth / 1e9:.1f} GB/s that is >= {floor * 1e3:.1f} ms per step on top of merged's "
+            f"{step * 1e3:.1f} ms (lorakit-64 measured {median([r['decode_step_s'] for r in multi]) * 1e3:.1f} ms): "
+            f"at best {best:.2f}x merged over the whole run")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="random-init tiny Llama, few requests (smoke test)")
@@ -317,6 +354,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; choose from {','.join(ROWS)}")
+    bandwidth = read_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         started = time.perf_counter()
@@ -340,8 +378,10 @@ def main() -> None:
           f"tokens, greedy, {args.rounds} round(s); {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(format_table(results))
+    print(bound_line(results, bandwidth))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "read_bytes_per_s": bandwidth, "rows": results},
+                                              indent=2))
     if any("error" in r for runs in results.values() for r in runs):
         sys.exit(1)
 
