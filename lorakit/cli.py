@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_inspect(sub)
     _add_estimate(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -376,6 +377,53 @@ def _add_estimate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object (keys below)")
     p.add_argument("--plot", metavar="PNG", help="also write memory vs model size for the three methods")
     p.set_defaults(func=_cmd_estimate)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """The `lorakit serve` subcommand."""
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with many adapters on one base",
+                       description="Serve the base and its adapters over the OpenAI API (/v1/chat/completions, "
+                       "/v1/completions, /v1/models), vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, "
+                       "/health and /metrics. A request's \"model\" names an adapter or the base.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: name, HF folder, .gguf or .safetensors "
+                   f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="an adapter to serve as NAME (repeatable)")
+    p.add_argument("--max-loras", type=positive_int, default=16, help="adapters in the compute tables (default: 16)")
+    p.add_argument("--max-cpu-loras", type=positive_int, default=64, help="adapters kept in memory (default: 64)")
+    p.add_argument("--max-lora-rank", type=positive_int, default=64, help="the largest rank served (default: 64)")
+    p.add_argument("--max-batch", type=positive_int, default=64, help="sequences decoded together (default: 64)")
+    p.add_argument("--max-model-len", type=positive_int, default=1024,
+                   help="tokens per sequence, prompt and completion (default: 1024)")
+    p.add_argument("--max-queue", type=positive_int, default=256,
+                   help="requests waiting for a slot before new ones get 429 (default: 256)")
+    p.add_argument("--quantize", choices=[*QUANT_TYPES, "none"], default="none", help="4-bit base (default: none)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = a free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: no key)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lorakit.models import load_model
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.server import serve
+
+    pairs = _parse_adapters(args.adapter or [])
+    unnamed = [spec for spec in args.adapter or [] if "=" not in spec]
+    if unnamed:
+        raise LorakitError(f"--adapter {unnamed[0]}: give it a name clients use as \"model\": --adapter NAME=DIR")
+    if any(name == "auto" for name, _ in pairs):
+        raise LorakitError("--adapter auto=...: \"auto\" is the routing model's name; choose another name")
+    _quiet_transformers()
+    model, tokenizer = load_model(args.model, quantize=_quant(args.quantize))
+    engine = Engine(model, tokenizer, max_loras=args.max_loras, max_cpu_loras=max(args.max_cpu_loras, args.max_loras),
+                    max_lora_rank=args.max_lora_rank, max_batch=args.max_batch, max_model_len=args.max_model_len)
+    for name, folder in pairs:
+        engine.add_adapter(name, folder)
+    base_id = Path(args.model).name if os.sep in args.model else args.model
+    serve(engine, base_id, args.host, args.port, args.api_key, args.max_queue, announce=lambda text: print(
+        text, flush=True))
+    return 0
 
 
 @contextlib.contextmanager

@@ -1,5 +1,13 @@
-"""Shared test helpers: small random-init transformers models built from configs (no downloads), devices."""
+"""Shared test helpers: small random-init transformers models built from configs (no downloads), devices, and a
+`lorakit serve` process."""
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -95,3 +103,47 @@ def fast_kernels(op: str, *args) -> list:
     from lorakit.kernels.dispatch import TABLE, why_not
 
     return [kernel for kernel in TABLE[op][:-1] if why_not(kernel, op, *args) is None]
+
+
+def make_adapter(folder, root, name, rank, seed, targets="all-linear"):
+    """A PEFT adapter folder root/name for the model at `folder`, with random nonzero B (it changes the output)."""
+    import lorakit as lk
+
+    model, _ = lk.load_model(str(folder))
+    torch.manual_seed(seed)
+    lk.add_adapter(model, lk.LoraConfig(r=rank, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "lora_B" in key:
+                param.normal_(std=0.5)
+    return lk.save_adapter(model, root / name)
+
+
+class Served:
+    """A `lorakit serve` process and its URL."""
+
+    def __init__(self, model, adapters, *extra):
+        command = [sys.executable, "-m", "lorakit", "serve", "--model", str(model), "--port", "0",
+                   "--max-model-len", "256", *[f"--adapter={name}={path}" for name, path in adapters.items()], *extra]
+        self.log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and stall the server
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.banner = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.log.seek(0)
+                raise AssertionError(f"server exited: {self.log.read()[-2000:]}")
+            self.banner.append(line)
+            if "Ctrl-C" in line:
+                break
+        self.url = re.search(r"(http://[\d.]+:\d+)/v1", "".join(self.banner)).group(1)
+
+    def stop(self) -> int:
+        """Ctrl-C, and its exit status."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc.kill()

@@ -72,3 +72,19 @@ def test_no_function_is_longer_than_a_screen():
 def test_every_module_has_a_layer():
     tops = {path.relative_to(PACKAGE).with_suffix("").parts[0] for path in _sources()}
     assert tops <= set(LAYERS), tops - set(LAYERS)
+
+
+def test_every_non_python_file_of_the_package_ships_with_it():
+    import fnmatch
+
+    import tomllib
+
+    patterns = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = patterns["lorakit"]
+    data = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert data, "the package has non-Python files (the C++ kernels)"
+    missing = [path for path in data if not any(fnmatch.fnmatch(path, pattern) for pattern in shipped)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+    stale = [pattern for pattern in shipped if not any(fnmatch.fnmatch(path, pattern) for path in data)]
+    assert not stale, f"package-data patterns matching nothing: {stale}"

@@ -99,6 +99,9 @@ class AdapterCache:
     dtype: torch.dtype = torch.float32  # the factors' dtype in memory: the tables' dtype
     paths: dict[str, Path] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)  # registered name -> its largest rank (kept when evicted)
+    retiring: set = field(default_factory=set)  # removed while requests still use it: refused to new requests
+    reads: int = 0  # adapter folders read from disk
+    evictions: dict = field(default_factory=lambda: {"memory": 0, "table": 0})  # adapters evicted from each tier
     loaded: OrderedDict = field(default_factory=OrderedDict)  # name -> LoadedAdapter, least recent first
     slots: dict[str, int] = field(default_factory=dict)  # resident name -> table slot
     slot_used: OrderedDict = field(default_factory=OrderedDict)  # resident name -> None, least recent first
@@ -106,41 +109,56 @@ class AdapterCache:
 
     def register(self, name: str, path: str | os.PathLike) -> LoadedAdapter:
         """Check and read an adapter folder under `name` (it is then in memory); a bad one changes nothing."""
+        return self.add(self.read(name, path))
+
+    def read(self, name: str, path: str | os.PathLike) -> LoadedAdapter:
+        """Check and read an adapter folder for this base, changing nothing (safe on another thread)."""
+        self.check_new_name(name)
+        return read_adapter(name, path, self.shapes, self.max_rank, self.dtype)
+
+    def check_new_name(self, name: str) -> None:
+        """Raise unless `name` is a non-empty string not registered yet."""
         if not isinstance(name, str) or not name:
             raise LorakitError(f"adapter name must be a non-empty string, got {name!r}")
         if name in self.paths:
             raise LorakitError(f"adapter {name!r} is already added; remove_adapter({name!r}) first")
-        adapter = read_adapter(name, path, self.shapes, self.max_rank, self.dtype)
-        self.paths[name] = adapter.path
-        self.ranks[name] = adapter.rank
+
+    def add(self, adapter: LoadedAdapter) -> LoadedAdapter:
+        """Register an adapter `read` returned (it is then in memory)."""
+        self.check_new_name(adapter.name)
+        self.reads += 1
+        self.paths[adapter.name] = adapter.path
+        self.ranks[adapter.name] = adapter.rank
         self._remember(adapter)
         return adapter
 
     def unregister(self, name: str) -> None:
         """Forget an adapter (it must not be in use)."""
-        self.require(name)
+        self.require(name, retiring_ok=True)
         if self.pins.get(name):
             raise LorakitError(f"adapter {name!r} is in use by {self.pins[name]} running request(s); "
                                "remove it when they finish")
         del self.paths[name]
         del self.ranks[name]
+        self.retiring.discard(name)
         self.loaded.pop(name, None)
         self.slots.pop(name, None)
         self.slot_used.pop(name, None)
 
-    def require(self, name: str) -> None:
-        """Raise a clear error for an unknown adapter name."""
-        if name not in self.paths:
-            known = ", ".join(sorted(self.paths)) or "none"
+    def require(self, name: str, retiring_ok: bool = False) -> None:
+        """Raise a clear error for an unknown adapter name (or one being removed, unless `retiring_ok`)."""
+        if name not in self.paths or (name in self.retiring and not retiring_ok):
+            known = ", ".join(sorted(set(self.paths) - self.retiring)) or "none"
             raise LorakitError(f"unknown adapter {name!r}; known adapters: {known} (add one with add_adapter)")
 
     def get(self, name: str) -> LoadedAdapter:
         """The adapter in memory, read again from its folder if it was evicted."""
-        self.require(name)
+        self.require(name, retiring_ok=True)
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return self.loaded[name]
         adapter = read_adapter(name, self.paths[name], self.shapes, self.max_rank, self.dtype)
+        self.reads += 1
         self._remember(adapter)
         return adapter
 
@@ -156,6 +174,7 @@ class AdapterCache:
             if victim is None:
                 break  # every adapter in memory is in use: hold more until a request finishes
             del self.loaded[victim]
+            self.evictions["memory"] += 1
 
     def pin(self, name: str) -> None:
         """Mark an adapter as used by one more running request."""
@@ -176,6 +195,7 @@ class AdapterCache:
         if victim is None:
             return None
         del self.slot_used[victim]
+        self.evictions["table"] += 1
         return self.slots.pop(victim)
 
     def touch(self, name: str) -> None:

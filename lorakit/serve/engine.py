@@ -26,7 +26,7 @@ from lorakit.errors import LorakitError
 from lorakit.kernels import allocator
 from lorakit.kernels.multi_lora import Entries
 from lorakit.serve import runner
-from lorakit.serve.adapters import AdapterCache
+from lorakit.serve.adapters import AdapterCache, LoadedAdapter
 from lorakit.serve.layers import BatchAdapters, MultiLoraLinear
 
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,7 +38,7 @@ class Result:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (end of sequence or a stop string), "length" (max_new_tokens) or "abort" (cancelled)
     prompt_tokens: int
     completion_tokens: int
 
@@ -158,13 +158,31 @@ class Engine:
         """Register a PEFT adapter folder under `name`; refused (engine unchanged) if it does not fit the base."""
         self.cache.register(name, path)
 
+    def read_adapter(self, name: str, path: str | os.PathLike) -> LoadedAdapter:
+        """add_adapter's disk read and checks, changing nothing: a server runs it off the engine's thread."""
+        return self.cache.read(name, path)
+
+    def add_read_adapter(self, adapter: LoadedAdapter) -> None:
+        """Register what read_adapter returned."""
+        self.cache.add(adapter)
+
     def remove_adapter(self, name: str) -> None:
-        """Forget an adapter; refused while a running request uses it."""
-        slot = self.cache.slots.get(name)
-        self.cache.unregister(name)
-        if slot is not None:
-            for layer in self.layers.values():
-                layer.load_slot(slot, None)
+        """Forget an adapter: new requests naming it are refused from now on; queued and running ones finish."""
+        self.cache.require(name)
+        self.cache.retiring.add(name)
+        self._drop_retired()
+
+    def _drop_retired(self) -> None:
+        """Unregister removed adapters that no queued or running request uses any more."""
+        if not self.cache.retiring:
+            return
+        used = {name for r in (*self.waiting, *self.running) if not r.done for name in r.mix}
+        for name in [n for n in self.cache.retiring if n not in used]:
+            slot = self.cache.slots.get(name)
+            self.cache.unregister(name)
+            if slot is not None:
+                for layer in self.layers.values():
+                    layer.load_slot(slot, None)
 
     def adapters(self) -> list[dict[str, Any]]:
         """Every registered adapter: name, folder, rank, and whether it is in memory, resident and in use."""
@@ -196,13 +214,18 @@ class Engine:
         return encode(self.tokenizer, prompt)
 
     def submit(self, prompt: str | list[dict[str, str]], adapter: str | dict[str, float] | None = None,
-               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               max_new_tokens: int | None = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: list[str] | None = None) -> Request:
-        """Queue one request; it runs from the next step on. Bad input raises here, before anything is queued."""
+        """Queue one request; it runs from the next step on. Bad input raises here, before anything is queued.
+
+        max_new_tokens=None generates up to the end of the context (max_model_len).
+        """
         mix = parse_mix(adapter)
         for name in mix:
             self.cache.require(name)
         ids = self.encode(prompt)
+        if max_new_tokens is None:
+            max_new_tokens = max(self.max_model_len - len(ids), 1)  # a prompt filling the context is refused below
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise LorakitError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not ids:
@@ -250,7 +273,20 @@ class Engine:
             self._decode(len(decoding))
         moved = admitted + decoding
         self._release_finished()
+        self._drop_retired()
         return moved
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request now (its client went away): finish_reason "abort", its slot and adapters freed at once."""
+        if request.done:
+            return
+        request.finish_reason = "abort"
+        request.text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        else:
+            self._release_finished()
+        self._drop_retired()
 
     def _admit(self) -> list[Request]:
         """Move waiting requests into free slots, in order; at most one adapter is read from disk per step."""

@@ -1,0 +1,80 @@
+"""Routing without training: pick the adapter for a prompt from the prompt itself (`"model": "auto"`).
+
+Arrow (Ostapenko et al., 2024; peft's ArrowConfig) gives each adapter a prototype per layer: the top right
+singular vector of its update B A, the input direction it amplifies most. PEFT scores every token against
+the prototypes inside each layer and mixes the top-k adapters per token. The engine routes per request:
+the base model reads the prompt once, and each adapter's score is the mean over the prompt's tokens and
+the layers it adapts of |x . p| / |x| (sign-free, as a singular vector's sign is arbitrary); the best
+scoring adapter answers the whole request. One base forward over the prompt is the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+
+def prototype(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The unit top right singular vector of B @ A ([out, r] @ [r, in]) without forming it: B = QR, SVD of R A."""
+    _, R = torch.linalg.qr(B.float())
+    _, _, vh = torch.linalg.svd(R @ A.float(), full_matrices=False)
+    return vh[0]
+
+
+def prototypes(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{module path: prototype} of one adapter's factors."""
+    return {path: prototype(A, B) for path, (A, B) in factors.items()}
+
+
+@torch.inference_mode()
+def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], input_ids: list[int]) -> dict[str, torch.Tensor]:
+    """The input of each adapted layer ([tokens, in], fp32, unit rows) when the base model reads the prompt."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path, layer in layers.items():
+        def keep(module, args, path=path):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            seen[path] = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        hooks.append(layer.register_forward_pre_hook(keep))
+    try:
+        device = next(model.parameters()).device
+        model.model(torch.tensor([input_ids], device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def scores(inputs: dict[str, torch.Tensor], candidates: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Each adapter's mean |x . p| over the prompt's tokens and the layers it adapts."""
+    result = {}
+    for name, protos in candidates.items():
+        sims = [(inputs[path] @ proto.to(inputs[path].device)).abs().mean() for path, proto in protos.items()
+                if path in inputs]
+        result[name] = float(torch.stack(sims).mean()) if sims else 0.0
+    return result
+
+
+class Router:
+    """Prototypes of the engine's adapters (computed once per adapter) and the choice for a prompt."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def forget(self, name: str) -> None:
+        """Drop a removed adapter's prototypes."""
+        self.cache.pop(name, None)
+
+    def choose(self, engine, input_ids: list[int]) -> tuple[str, dict[str, float]]:
+        """(the best adapter for these prompt tokens, every candidate's score); runs on the engine's thread."""
+        names = sorted(set(engine.cache.paths) - engine.cache.retiring)
+        if not names:
+            raise LorakitError('"model": "auto" routes among loaded adapters, and none is loaded')
+        for name in names:
+            if name not in self.cache:
+                self.cache[name] = prototypes(engine.cache.get(name).factors)
+        engine.batch.entries = None  # the base model alone reads the prompt
+        result = scores(layer_inputs(engine.model, engine.layers, input_ids), {n: self.cache[n] for n in names})
+        return max(result, key=result.get), result
