@@ -49,10 +49,10 @@ async def _generate(server: srv.Server, body: ChatRequest | CompletionRequest, k
     return JSONResponse(server.response(job, body, kind, choices))
 
 
-def build_app(server: srv.Server) -> FastAPI:
-    """The FastAPI app around a Server."""
-    app = FastAPI(title="lorakit serve", lifespan=lambda app: srv.worker_running(server), docs_url=None,
-                  redoc_url=None, openapi_url=None)
+def build_app(server: srv.Server, engine_thread: bool) -> FastAPI:
+    """The FastAPI app around a Server; `engine_thread`: its lifespan runs the engine on a thread of its own."""
+    app = FastAPI(title="lorakit serve", lifespan=lambda app: srv.worker_running(server, engine_thread),
+                  docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -1,10 +1,14 @@
 """`lorakit serve`: an OpenAI-compatible HTTP server over the engine (FastAPI on uvicorn).
 
-The engine runs on a thread of its own (`Worker`): it steps while requests are queued or running and,
-between steps, runs what the HTTP handlers hand it (submit, cancel, load, unload), so only that thread
-ever touches the engine. Each sequence's new tokens go back to its handler through an asyncio queue; a
-streaming handler turns them into server-sent events as they come, and a client that goes away cancels
-its sequences at once. The queue of waiting requests is bounded: past `max_queue` a request gets 429.
+One thread owns the engine (`Worker`): it steps while requests are queued or running and, between steps, runs
+what the HTTP handlers hand it (submit, cancel, load, unload), so only that thread ever touches the engine.
+`lorakit serve` runs the engine on the main thread and uvicorn on another: PyTorch's CPU ops parallelise through
+OpenMP, whose thread team belongs to the thread that starts it, and a second team beside the main one
+oversubscribes the cores, which makes every op wait for its workers to wake (a decoding step ran 2-3x slower).
+An app from `create_app` runs the engine on a thread of its own instead. Each sequence's new tokens go back to
+its handler through an asyncio queue; a streaming handler turns them into server-sent events as they come, and a
+client that goes away cancels its sequences at once. The queue of waiting requests is bounded: past `max_queue`
+a request gets 429.
 """
 
 from __future__ import annotations
@@ -60,18 +64,20 @@ class Worker:
         self._calls: deque = deque()
         self._wake = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start stepping."""
+        """Start stepping on a thread of its own."""
+        self._thread = threading.Thread(target=self.loop, name="lorakit-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the current step."""
+        """Stop after the current step (and wait for the thread, if it has one)."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) on the engine's thread between steps; its result (or exception) in the future."""
@@ -88,11 +94,12 @@ class Worker:
     def _busy(self) -> bool:
         return bool(self.engine.waiting or self.engine.running)
 
-    def _loop(self) -> None:
+    def loop(self) -> None:
+        """Step and run calls in this thread until `stop`."""
         while True:
             with self._wake:
                 while not (self._calls or self._busy() or self._stopped):
-                    self._wake.wait()
+                    self._wake.wait(timeout=0.5)  # a timeout keeps the main thread responsive to Ctrl-C
                 if self._stopped:
                     return
                 calls, self._calls = list(self._calls), deque()
@@ -324,20 +331,25 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def create_app(engine: Engine, base_id: str, api_key: str | None = None, max_queue: int = 256):
-    """The FastAPI application: OpenAI's endpoints, vLLM's adapter endpoints, /health and /metrics."""
+    """The FastAPI application: OpenAI's endpoints, vLLM's adapter endpoints, /health and /metrics.
+
+    Its lifespan runs the engine on a thread of its own, so any ASGI server can host it.
+    """
     from lorakit.serve.routes import build_app
 
-    return build_app(Server(engine, base_id, api_key, max_queue))
+    return build_app(Server(engine, base_id, api_key, max_queue), engine_thread=True)
 
 
 @asynccontextmanager
-async def worker_running(server: Server) -> AsyncIterator[None]:
-    """The app's lifespan: the engine's thread runs while the app does."""
-    server.worker.start()
+async def worker_running(server: Server, engine_thread: bool) -> AsyncIterator[None]:
+    """The app's lifespan: with `engine_thread`, the engine's thread runs while the app does."""
+    if engine_thread:
+        server.worker.start()
     try:
         yield
     finally:
-        server.worker.stop()
+        if engine_thread:
+            server.worker.stop()
 
 
 def authorized(server: Server, header: str | None) -> bool:
@@ -392,10 +404,13 @@ def banner(url: str, base_id: str, adapters: list[str], api_key: bool) -> str:
 
 def serve(engine: Engine, base_id: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 256, announce: Callable[[str], None] = print) -> None:
-    """Run the server until Ctrl-C (uvicorn), then return; port 0 takes a free port, announced with the URL."""
+    """Run the server until Ctrl-C: uvicorn on a thread, the engine on this one; port 0 takes a free port."""
     import uvicorn
 
-    app = create_app(engine, base_id, api_key, max_queue)
+    from lorakit.serve.routes import build_app
+
+    server = Server(engine, base_id, api_key, max_queue)
+    app = build_app(server, engine_thread=False)
 
     class Announcing(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
@@ -405,8 +420,13 @@ def serve(engine: Engine, base_id: str, host: str = "127.0.0.1", port: int = 800
                 shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
                 announce(banner(f"http://{shown}:{bound[1]}", base_id, sorted(engine.cache.paths), bool(api_key)))
 
+    http = Announcing(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=http.run, name="lorakit-http", daemon=True)  # no signal handlers off main
+    thread.start()
     try:
-        Announcing(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
-    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C: the normal way to stop
+        server.worker.loop()  # until Ctrl-C: the normal way to stop
+    except KeyboardInterrupt:
         pass
+    http.should_exit = True  # uvicorn closes its connections and ends its lifespan
+    thread.join(timeout=30)
     announce("lorakit serve: stopped")

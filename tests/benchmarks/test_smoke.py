@@ -124,3 +124,16 @@ def test_serve_tiny_prints_its_table(tmp_path):
     assert all(summary[row]["tokens"] <= 64 and summary[row]["tokens"] > 0 for row in ("lorakit-8", "peft-mixed-64"))
     assert summary["scale"]["tokens"] > 0 and 0 < summary["scale"]["most_in_memory"] <= 20
     assert all(len(summary[row]["ttft"]) == 8 for row in ("lorakit-8", "lorakit-merged", "peft-mixed-64"))
+
+
+def test_serve_http_tiny_prints_its_table_and_plot(tmp_path):
+    json_path, png = tmp_path / "http.json", tmp_path / "latency.png"
+    out = run_benchmark("serve_http.py", "--tiny", "--rates", "2,6", "--seconds", "2", "--json", str(json_path),
+                        "--plot", str(png))
+    assert "rate req/s" in out and f"plot written to {png}" in out
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [row["rate"] for row in rows] == [2.0, 6.0]
+    for row in rows:  # every request answered, none refused, latencies measured
+        assert row["requests"] >= 1 and row["completed"] == row["requests"] and row["errors"] == 0
+        assert row["tokens_per_s"] > 0 and 0 < row["ttft_p50"] <= row["ttft_p99"]
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
