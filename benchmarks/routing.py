@@ -49,6 +49,10 @@ def train_adapters(workdir: Path, model: str, steps: int, n_heldout: int, tiny: 
         demo_task.write_jsonl(train_examples, workdir / task / "data" / "train.jsonl")
         cfg = replace(demo_config(workdir / task, steps, 4 if tiny else 16), model=model,
                       quantize=None if tiny else "nf4", tensorboard=False)
+        done = Path(cfg.output_dir) / "adapter"
+        if (done / "adapter_model.safetensors").is_file():  # --workdir kept them from an earlier run
+            adapters[task] = str(done)
+            continue
         started = time.perf_counter()
         adapters[task] = train(cfg, overwrite=True, progress=False)["adapter_dir"]
         print(f"trained {task} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -98,10 +102,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per adapter (default 120; tiny 3)")
     parser.add_argument("--heldout", type=int, default=None, help="held-out examples per task (default 50; tiny 4)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--workdir", default=None, help="keep the trained adapters here (and reuse them next time)")
     args = parser.parse_args()
     steps, n_heldout = args.steps or (3 if args.tiny else 120), args.heldout or (4 if args.tiny else 50)
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
+        workdir = Path(args.workdir or tmp)
         if args.tiny:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from helpers import build_tiny_model_folder

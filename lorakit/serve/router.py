@@ -4,8 +4,14 @@ Arrow (Ostapenko et al., 2024; peft's ArrowConfig) gives each adapter a prototyp
 singular vector of its update B A, the input direction it amplifies most. PEFT scores every token against
 the prototypes inside each layer and mixes the top-k adapters per token. The engine routes per request:
 the base model reads the prompt once, and each adapter's score is the mean over the prompt's tokens and
-the layers it adapts of |x . p| / |x| (sign-free, as a singular vector's sign is arbitrary); the best
-scoring adapter answers the whole request. One base forward over the prompt is the cost.
+the layers it adapts of |x . p| / |x| (sign-free, as a singular vector's sign is arbitrary), divided by the
+same score on a few fixed neutral chat prompts; the best adapter answers the whole request.
+
+The division matters. A model's hidden states share a large common direction, whatever the input, and
+an adapter whose prototypes lean on it outscores the others on every prompt: measured on three adapters
+trained on distinct tasks (benchmarks/routing.py), the raw score sent all 150 prompts to one adapter;
+relative to the neutral prompts, every one went to its own task's adapter. No data beyond those fixed
+sentences is used, so routing stays training-free. The cost is one base forward over the prompt.
 """
 
 from __future__ import annotations
@@ -47,21 +53,22 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], input_ids: list
     return seen
 
 
-def scores(inputs: dict[str, torch.Tensor], candidates: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Each adapter's mean |x . p| over the prompt's tokens and the layers it adapts."""
-    result = {}
-    for name, protos in candidates.items():
-        sims = [(inputs[path] @ proto.to(inputs[path].device)).abs().mean() for path, proto in protos.items()
-                if path in inputs]
-        result[name] = float(torch.stack(sims).mean()) if sims else 0.0
-    return result
+NEUTRAL = ("Hello, how are you today?", "Tell me something interesting.", "What can you do?")
+
+
+def score(inputs: dict[str, torch.Tensor], protos: dict[str, torch.Tensor]) -> float:
+    """An adapter's mean |x . p| over the prompt's tokens and the layers it adapts."""
+    sims = [(inputs[path] @ proto.to(inputs[path].device)).abs().mean() for path, proto in protos.items()
+            if path in inputs]
+    return float(torch.stack(sims).mean()) if sims else 0.0
 
 
 class Router:
-    """Prototypes of the engine's adapters (computed once per adapter) and the choice for a prompt."""
+    """Prototypes of the engine's adapters and their neutral scores (once per adapter), and the choice for a prompt."""
 
     def __init__(self) -> None:
-        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.cache: dict[str, tuple[dict[str, torch.Tensor], float]] = {}  # name -> (prototypes, neutral score)
+        self._neutral: list[dict[str, torch.Tensor]] | None = None
 
     def forget(self, name: str) -> None:
         """Drop a removed adapter's prototypes."""
@@ -72,9 +79,21 @@ class Router:
         names = sorted(set(engine.cache.paths) - engine.cache.retiring)
         if not names:
             raise LorakitError('"model": "auto" routes among loaded adapters, and none is loaded')
+        engine.batch.entries = None  # the base model alone reads the prompts
+        if self._neutral is None:
+            self._neutral = [layer_inputs(engine.model, engine.layers, neutral_ids(engine, text)) for text in NEUTRAL]
         for name in names:
             if name not in self.cache:
-                self.cache[name] = prototypes(engine.cache.get(name).factors)
-        engine.batch.entries = None  # the base model alone reads the prompt
-        result = scores(layer_inputs(engine.model, engine.layers, input_ids), {n: self.cache[n] for n in names})
+                protos = prototypes(engine.cache.get(name).factors)
+                baseline = sum(score(inputs, protos) for inputs in self._neutral) / len(self._neutral)
+                self.cache[name] = (protos, max(baseline, 1e-12))
+        inputs = layer_inputs(engine.model, engine.layers, input_ids)
+        result = {name: score(inputs, self.cache[name][0]) / self.cache[name][1] for name in names}
         return max(result, key=result.get), result
+
+
+def neutral_ids(engine, text: str) -> list[int]:
+    """A neutral sentence as a user turn of the chat template (plain text for a model without one)."""
+    if getattr(engine.tokenizer, "chat_template", None):
+        return engine.encode([{"role": "user", "content": text}])
+    return engine.encode(text)

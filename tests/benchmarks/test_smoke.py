@@ -137,3 +137,18 @@ def test_serve_http_tiny_prints_its_table_and_plot(tmp_path):
         assert row["requests"] >= 1 and row["completed"] == row["requests"] and row["errors"] == 0
         assert row["tokens_per_s"] > 0 and 0 < row["ttft_p50"] <= row["ttft_p99"]
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_routing_tiny_trains_routes_and_scores(tmp_path):
+    json_path = tmp_path / "routing.json"
+    out = run_benchmark("routing.py", "--tiny", "--json", str(json_path))
+    assert "routed right" in out and "routed to (rows: the prompt's task)" in out
+    result = json.loads(json_path.read_text())
+    assert set(result["rows"]) == {"dates", "numbers", "snake", "all"}
+    for row in result["rows"].values():
+        assert all(0.0 <= row[key] <= 1.0 for key in ("routed_right", "by hand", "auto", "base"))
+    # every held-out prompt went somewhere, and the confusion counts add up to the routed-right share
+    confusion = result["confusion"]
+    assert sum(sum(row.values()) for row in confusion.values()) == result["rows"]["all"]["examples"] == 12
+    right = sum(confusion[task][task] for task in confusion)
+    assert right / 12 == pytest.approx(result["rows"]["all"]["routed_right"])
