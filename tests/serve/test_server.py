@@ -92,6 +92,34 @@ def test_completion_streamed_and_whole_agree_with_the_engine(client, engine):
     assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 2  # it arrived in pieces
 
 
+def test_chat_streamed_through_the_openai_client_equals_the_whole_reply(client, engine):
+    chunks = list(client.chat.completions.create(model="tone", messages=CHAT, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    whole = client.chat.completions.create(model="tone", messages=CHAT, max_tokens=8, temperature=0)
+    assert streamed == whole.choices[0].message.content == solo(engine, CHAT, "tone", 8).text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_unloading_an_adapter_in_use_lets_its_stream_finish_then_404(server, client, tiny, engine):
+    load = httpx.post(f"{server.url}/v1/load_lora_adapter", timeout=60,
+                      json={"lora_name": "busy", "lora_path": str(tiny["adapters"]["late"])})
+    assert load.status_code == 200, load.text
+    stream = client.completions.create(model="busy", prompt="Once upon a time", max_tokens=200, temperature=0,
+                                       stream=True)
+    first = next(stream)  # running now
+    unload = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "busy"}, timeout=60)
+    assert unload.status_code == 200, unload.text
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert "lorakit_running_requests 1.0" in metrics  # the unload came while its request ran
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="busy", prompt="hi", max_tokens=2)
+    text = first.choices[0].text + "".join(c.choices[0].text for c in stream)
+    assert text == solo(engine, "Once upon a time", "late", 200).text  # it finished, and correctly
+    assert "busy" not in {m.id for m in client.models.list().data}
+
+
 def test_chat_stream_starts_with_the_role_and_ends_with_done(server, engine):
     body = {"model": BASE, "messages": CHAT, "max_tokens": 6, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
