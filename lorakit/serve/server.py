@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import hmac
 import json
+import signal
 import threading
 import time
 from collections import deque
@@ -402,6 +403,16 @@ def banner(url: str, base_id: str, adapters: list[str], api_key: bool) -> str:
             "  Ctrl-C stops it.")
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM stop the server."""
+    # Set explicitly: a shell's background job inherits SIGINT ignored, and Python then installs no handler.
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+
+
 def serve(engine: Engine, base_id: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 256, announce: Callable[[str], None] = print) -> None:
     """Run the server until Ctrl-C: uvicorn on a thread, the engine on this one; port 0 takes a free port."""
@@ -421,6 +432,7 @@ def serve(engine: Engine, base_id: str, host: str = "127.0.0.1", port: int = 800
                 announce(banner(f"http://{shown}:{bound[1]}", base_id, sorted(engine.cache.paths), bool(api_key)))
 
     http = Announcing(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    stop_on_signals()
     thread = threading.Thread(target=http.run, name="lorakit-http", daemon=True)  # no signal handlers off main
     thread.start()
     try:
