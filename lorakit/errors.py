@@ -19,5 +19,13 @@ class TrainingInterrupted(LorakitError):
     exit_code = 130
 
 
+class UnknownAdapter(LorakitError):
+    """A request or call named an adapter that is not registered (or is being removed)."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 class LorakitWarning(UserWarning):
     """Something works but is probably not what the user meant; the CLI prints it as one line."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, UnknownAdapter
 from lorakit.lora import lora_scale
 from lorakit.peft_format import read_adapter_config, read_adapter_tensors
 from lorakit.peft_keys import LINEAR_FACTORS, parse_peft_key
@@ -148,8 +148,12 @@ class AdapterCache:
     def require(self, name: str, retiring_ok: bool = False) -> None:
         """Raise a clear error for an unknown adapter name (or one being removed, unless `retiring_ok`)."""
         if name not in self.paths or (name in self.retiring and not retiring_ok):
-            known = ", ".join(sorted(set(self.paths) - self.retiring)) or "none"
-            raise LorakitError(f"unknown adapter {name!r}; known adapters: {known} (add one with add_adapter)")
+            known = ", ".join(self.servable()) or "none"
+            raise UnknownAdapter(f"unknown adapter {name!r}; known adapters: {known} (add one with add_adapter)", name)
+
+    def servable(self) -> list[str]:
+        """The registered adapters new requests may name (not those being removed), sorted."""
+        return sorted(set(self.paths) - self.retiring)
 
     def get(self, name: str) -> LoadedAdapter:
         """The adapter in memory, read again from its folder if it was evicted."""

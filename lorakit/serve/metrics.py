@@ -30,7 +30,7 @@ class EngineCollector:
         gauges = {
             "lorakit_queue_depth": ("requests waiting for a slot", len(engine.waiting)),
             "lorakit_running_requests": ("sequences in the running batch", len(engine.running)),
-            "lorakit_adapters_registered": ("adapters new requests may name", len(set(cache.paths) - cache.retiring)),
+            "lorakit_adapters_registered": ("adapters new requests may name", len(cache.servable())),
             "lorakit_adapters_in_memory": ("adapters held in memory (max_cpu_loras bounds it)", len(cache.loaded)),
             "lorakit_adapters_resident": ("adapters in the compute tables (max_loras bounds it)", len(cache.slots)),
         }

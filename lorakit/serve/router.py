@@ -76,7 +76,7 @@ class Router:
 
     def choose(self, engine, input_ids: list[int]) -> tuple[str, dict[str, float]]:
         """(the best adapter for these prompt tokens, every candidate's score); runs on the engine's thread."""
-        names = sorted(set(engine.cache.paths) - engine.cache.retiring)
+        names = engine.cache.servable()
         if not names:
             raise LorakitError('"model": "auto" routes among loaded adapters, and none is loaded')
         engine.batch.entries = None  # the base model alone reads the prompts

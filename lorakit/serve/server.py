@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, UnknownAdapter
 from lorakit.serve.engine import Engine, Request
 from lorakit.serve.metrics import Metrics
 from lorakit.serve.openai_api import (
@@ -190,7 +190,7 @@ class Server:
 
     async def start(self, prompt: Any, body: ChatRequest | CompletionRequest, max_tokens: int | None) -> Job:
         """Submit the request's n sequences; their events arrive on the job's queue."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop, queue, arrived = asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter()
         chosen = self.resolve(body)
 
         def submit(engine: Engine) -> tuple[list[Request], str | dict[str, float] | None]:
@@ -209,7 +209,7 @@ class Server:
             except LorakitError as exc:
                 for request in made:
                     engine.cancel(request)
-                raise self.api_error(exc, body) from None
+                raise self.api_error(exc) from None
             for index, request in enumerate(made):
                 self.worker.sinks[request.id] = lambda event, i=index: loop.call_soon_threadsafe(
                     queue.put_nowait, (i, event))
@@ -217,22 +217,15 @@ class Server:
 
         requests, adapter = await self.worker.run(submit)
         mix = {adapter: 1.0} if isinstance(adapter, str) else dict(adapter or {})
-        return Job(requests, queue, mix, time.perf_counter())
+        return Job(requests, queue, mix, arrived)
 
-    def api_error(self, exc: LorakitError, body: ChatRequest | CompletionRequest) -> ApiError:
+    def api_error(self, exc: LorakitError) -> ApiError:
         """An engine refusal as the API's error: an unknown adapter is a model that does not exist (404)."""
-        message = str(exc)
-        if message.startswith("unknown adapter"):
-            loaded = ", ".join([self.base_id, *self.adapter_names()])
-            name = message.split("'")[1] if "'" in message else body.model
-            return ApiError(404, f"model {name!r} does not exist; loaded: {loaded}", "invalid_request_error",
+        if isinstance(exc, UnknownAdapter):
+            loaded = ", ".join([self.base_id, *self.engine.cache.servable()])
+            return ApiError(404, f"model {exc.name!r} does not exist; loaded: {loaded}", "invalid_request_error",
                             "model", "model_not_found")
-        return ApiError(400, message, "invalid_request_error")
-
-    def adapter_names(self) -> list[str]:
-        """Loaded adapters new requests may name."""
-        cache = self.engine.cache
-        return sorted(set(cache.paths) - cache.retiring)
+        return ApiError(400, str(exc), "invalid_request_error")
 
     def cancel(self, job: Job) -> None:
         """Stop the job's unfinished sequences (its client went away); no waiting on the engine."""
@@ -379,9 +372,9 @@ async def unload_adapter(server: Server, body: UnloadAdapterRequest) -> str:
     try:
         await server.worker.run(lambda engine: engine.remove_adapter(body.lora_name))
         server.router.forget(body.lora_name)
-    except LorakitError:
+    except UnknownAdapter:
         raise ApiError(404, f"adapter {body.lora_name!r} is not loaded; loaded: "
-                       f"{', '.join(server.adapter_names()) or 'none'}", "invalid_request_error", "lora_name",
+                       f"{', '.join(server.engine.cache.servable()) or 'none'}", "invalid_request_error", "lora_name",
                        "model_not_found") from None
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
 
@@ -389,7 +382,7 @@ async def unload_adapter(server: Server, body: UnloadAdapterRequest) -> str:
 def models(server: Server) -> dict[str, Any]:
     """GET /v1/models: the base, then every loaded adapter with the base as parent."""
     cards = [model_card(server.base_id, None, server.created), model_card(AUTO, server.base_id, server.created)]
-    cards += [model_card(name, server.base_id, server.created) for name in server.adapter_names()]
+    cards += [model_card(name, server.base_id, server.created) for name in server.engine.cache.servable()]
     return {"object": "list", "data": cards}
 
 
