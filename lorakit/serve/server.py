@@ -428,6 +428,11 @@ def serve(engine: Engine, base_id: str, host: str = "127.0.0.1", port: int = 800
     stop_on_signals()
     thread = threading.Thread(target=http.run, name="lorakit-http", daemon=True)  # no signal handlers off main
     thread.start()
+    while not http.started and thread.is_alive():  # uvicorn ends its thread when it cannot bind
+        time.sleep(0.05)
+    if not http.started:
+        raise LorakitError(f"cannot listen on {host}:{port} (the port is taken, or the address is not this "
+                           "machine's); choose another --port or --host")
     try:
         server.worker.loop()  # until Ctrl-C: the normal way to stop
     except KeyboardInterrupt:

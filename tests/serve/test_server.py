@@ -296,3 +296,19 @@ def test_api_key_and_a_full_queue(tiny):
         assert all(status in (200, 429) for status, _ in statuses)
     finally:
         assert served.stop() == 0
+
+
+def test_a_taken_port_is_a_one_line_error(tiny):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "lorakit", "serve", "--model", str(tiny["model"]), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"lorakit: error: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in proc.stderr
