@@ -44,7 +44,11 @@ import torch
 from torch import nn
 
 ROWS = ("lorakit-lora", "lorakit-qlora", "lorakit-qlora-plain-loop", "peft-fp32", "peft-bf16-autocast",
-        "peft-bf16-autocast-eager", "peft-bf16-autocast-retain", "peft-bnb-qlora")
+        "peft-bf16-autocast-eager", "peft-bf16-autocast-retain", "peft-bnb-qlora",
+        "lorakit-dora", "lorakit-qdora", "peft-dora-bf16-autocast")
+# The DoRA targets: (row, reference row, the most row step time / reference step time may be).
+DORA_TARGETS = (("lorakit-dora", "lorakit-lora", 1.25), ("lorakit-qdora", "lorakit-qlora", 1.25),
+                ("lorakit-dora", "peft-dora-bf16-autocast", 1.0))
 BASELINE = "peft-bf16-autocast"
 RANK, ALPHA, LR = 16, 32, 2e-4
 RESULT_TAG, STEP_TAG, READY = "ROW_RESULT ", "ROW_STEP ", "ROW_READY"
@@ -104,9 +108,10 @@ def build_row(name: str, tiny: bool):
 
         if name == "lorakit-qlora-plain-loop":
             return plain_loop_row(tiny)
-        model = lorakit_model(tiny, torch.bfloat16, "nf4" if name == "lorakit-qlora" else None)
+        model = lorakit_model(tiny, torch.bfloat16, "nf4" if name in ("lorakit-qlora", "lorakit-qdora") else None)
         torch.manual_seed(0)
-        lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
+        lk.add_adapter(model, lk.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear",
+                                            use_dora=name.endswith("dora")))
         model.train()
         lk.enable_fast_training(model, loss=False)  # as lorakit's trainer does (its loss is causal_lm_loss)
         optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -123,11 +128,12 @@ def build_row(name: str, tiny: bool):
     base.set_attn_implementation("eager" if name == "peft-bf16-autocast-eager" else "sdpa")
     torch.manual_seed(0)
     model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                      target_modules="all-linear", task_type="CAUSAL_LM",
+                                                      use_dora=name == "peft-dora-bf16-autocast"))
     model.train()  # bnb's Linear4bit too: train mode is what a QLoRA run uses
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
-    autocast = name.startswith("peft-bf16-autocast")
+    autocast = name.startswith("peft-bf16-autocast") or name == "peft-dora-bf16-autocast"
     if name == "peft-bf16-autocast-retain":
         from lorakit.kernels.allocator import retain_freed_memory
 
@@ -348,6 +354,20 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def variant_lines(results: list[dict]) -> list[str]:
+    """DoRA's targets as paired step-time ratios (and peak tensor memory), for the rows that ran."""
+    done = {r["row"]: r for r in results if "error" not in r}
+    lines = []
+    for row, reference, most in DORA_TARGETS:
+        if row in done and reference in done:
+            ratio = 1 / paired_ratio(done[row], done[reference])
+            memory = done[row]["peak_tensor_bytes"] / done[reference]["peak_tensor_bytes"]
+            verdict = "met" if ratio <= most else "NOT met"
+            lines.append(f"{row} step / {reference} step: {ratio:.2f}x (target <= {most:.2f}x: {verdict}); "
+                         f"peak tensor memory {memory:.2f}x")
+    return lines
+
+
 def parse_rows(text: str) -> list[str]:
     """'a,b' -> ['a', 'b'], each a known row name."""
     rows = [item.strip() for item in text.split(",") if item.strip()]
@@ -384,6 +404,8 @@ def main() -> None:
           f"median of {args.steps} rounds; {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(format_table(results))
+    for line in variant_lines(results):
+        print(line)
     if args.json:
         summary = {"batch": args.batch, "seq": args.seq, "steps": args.steps, "tiny": args.tiny,
                    "rows": results}

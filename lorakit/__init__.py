@@ -1,5 +1,7 @@
 """lorakit: LoRA and QLoRA fine-tuning of PyTorch models, PEFT-compatible, bitsandbytes-exact."""
 
+from lorakit.adalora import AdaLoraConfig
+from lorakit.adalora_budget import orthogonal_regularization, update_and_allocate
 from lorakit.config import LoraConfig
 from lorakit.constants import DEFAULT_MODEL
 from lorakit.errors import LorakitError
@@ -19,8 +21,10 @@ from lorakit.inject import (
     unload,
     unmerge_adapters,
 )
+from lorakit.loftq_save import save_loftq
 from lorakit.peft_format import adapter_state_dict, load_adapter, save_adapter
 from lorakit.quant import QuantConfig, quantize_model
+from lorakit.vera import VeraConfig
 
 
 def load_model(spec: str = DEFAULT_MODEL, **kwargs):
@@ -46,11 +50,13 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterCallback",
     "Engine",
     "LoraConfig",
     "LorakitError",
     "QuantConfig",
+    "VeraConfig",
     "active_adapters",
     "adapter_state_dict",
     "add_adapter",
@@ -62,14 +68,17 @@ __all__ = [
     "load_adapter",
     "load_model",
     "merge_adapters",
+    "orthogonal_regularization",
     "print_trainable_parameters",
     "quantize_model",
     "resolve_targets",
     "save_adapter",
+    "save_loftq",
     "set_adapter",
     "trainable_base_parameters",
     "trainable_parameters",
     "unload",
     "unmerge_adapters",
+    "update_and_allocate",
     "use_fast_cpu_attention",
 ]

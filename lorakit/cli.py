@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorakit.constants import DEFAULT_MODEL, OPTIMIZERS, QUANT_TYPES
+from lorakit.constants import DEFAULT_MODEL, DEMO_ADAPTERS, OPTIMIZERS, QUANT_TYPES
 from lorakit.errors import LorakitError
 
 
@@ -59,7 +59,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     check_writable(Path(args.out), "--out")
     _quiet_transformers()
     results = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, n_heldout=args.heldout,
-                       overwrite=args.overwrite, progress=not args.quiet)
+                       overwrite=args.overwrite, progress=not args.quiet, adapter=args.adapter)
     target_met = results["base_accuracy"] <= 0.3 and results["tuned_accuracy"] >= 0.9
     print(f"base {results['base_accuracy']:.2f} -> tuned {results['tuned_accuracy']:.2f} "
           f"({'target met' if target_met else 'target NOT met'}: base <= 0.30, tuned >= 0.90)")
@@ -283,6 +283,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per step (default: 16)")
     p.add_argument("--heldout", type=positive_int, default=100, help="held-out examples to score (default: 100)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished demo in --out")
+    p.add_argument("--adapter", choices=DEMO_ADAPTERS, default="lora",
+                   help="what to train on the NF4 base: lora (default), dora, vera or adalora")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 

@@ -12,7 +12,9 @@ from lorakit.errors import LorakitError
 
 # Shorthands that resolve to a set of full module names (saved resolved, as PEFT does for "all-linear").
 TARGET_SHORTHANDS = ("all-linear", "all-attention", "all-mlp")
-INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_K", "olora")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "loftq")
+# Inits that rewrite the base weight: a saved adapter records the final weights, so loading never reruns them.
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -30,6 +32,7 @@ class LoraConfig:
     use_dora: bool = False
     init_lora_weights: bool | str = True
     modules_to_save: list[str] | None = None
+    loftq_config: dict[str, int] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -54,11 +57,12 @@ class LoraConfig:
             raise LorakitError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if not _valid_init(self.init_lora_weights):
             raise LorakitError(
-                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora', "
+                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' or 'loftq', "
                 f"got {self.init_lora_weights!r}"
             )
-        if self.use_dora:
-            raise LorakitError("use_dora=True is not implemented in lorakit yet; use plain LoRA (use_dora=False)")
+        if not isinstance(self.use_dora, bool):
+            raise LorakitError(f"use_dora must be true or false, got {self.use_dora!r}")
+        _check_loftq(self.init_lora_weights, self.loftq_config)
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
@@ -124,7 +128,26 @@ def _valid_init(value: Any) -> bool:
         return True
     if not isinstance(value, str):
         return False
-    return value in ("gaussian", "pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", value) is not None
+    return value in ("gaussian", "pissa", "olora", "loftq") or re.fullmatch(r"pissa_niter_\d+", value) is not None
+
+
+def _check_loftq(init: Any, loftq_config: Any) -> None:
+    if not isinstance(loftq_config, dict):
+        raise LorakitError(f"loftq_config must be a mapping like {{'loftq_bits': 4, 'loftq_iter': 1}}, "
+                           f"got {loftq_config!r}")
+    if init != "loftq":
+        if loftq_config:
+            raise LorakitError("loftq_config is set but init_lora_weights is not 'loftq'; set both or neither")
+        return
+    unknown = sorted(set(loftq_config) - {"loftq_bits", "loftq_iter"})
+    if unknown:
+        raise LorakitError(f"loftq_config: unknown key {unknown[0]!r}; valid keys: loftq_bits, loftq_iter")
+    bits, iters = loftq_config.get("loftq_bits", 4), loftq_config.get("loftq_iter", 1)
+    if bits != 4 or isinstance(bits, bool):
+        raise LorakitError(f"loftq_config.loftq_bits must be 4 (NF4; PEFT dropped 2 and lorakit has no 8-bit base), "
+                           f"got {bits!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise LorakitError(f"loftq_config.loftq_iter must be an integer >= 1, got {iters!r}")
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
@@ -160,6 +183,9 @@ def config_from_peft_dict(data: dict[str, Any], where: str) -> LoraConfig:
         # The adapter was initialised some other way (eva, corda, loftq...); the saved weights are what count.
         warnings.warn(f"{where}: init_lora_weights={init!r} treated as True for loading", stacklevel=3)
         data = {**data, "init_lora_weights": True}
+    if data.get("loftq_config") and data.get("init_lora_weights") != "loftq":
+        # PEFT's LoftQ recipe saves with init_lora_weights=true and leaves loftq_config filled; PEFT ignores it.
+        data = {**data, "loftq_config": {}}
     if isinstance(data.get("target_modules"), list):
         data = {**data, "target_modules": sorted(data["target_modules"])}
     return LoraConfig.from_dict(data, strict=False)

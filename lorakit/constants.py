@@ -9,3 +9,4 @@ NESTED_BLOCKSIZE = 256  # double quantization: absmax values per 8-bit block
 # Elements quantized or dequantized per step: bounds fp32 temporaries to a few tens of MB, so the
 # largest weight of a 70B model never needs several full fp32 copies.
 CHUNK_ELEMS = 1 << 22
+DEMO_ADAPTERS = ("lora", "dora", "vera", "adalora")  # what `lorakit demo --adapter` can train

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 EMBEDDING_ROWS = 64
-SKIPPED = ("lora_", "modules_to_save", "vera_", "magnitude")  # adapter tensors are not the base
+SKIPPED = ("lora_", "modules_to_save", "vera_", "magnitude", "ranknum")  # adapter tensors are not the base
 
 
 def _canonical(name: str) -> str:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lorakit.adapter_types import handler_for
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.lora import (
@@ -22,7 +23,8 @@ from lorakit.lora import (
 )
 from lorakit.peft_keys import saved_bias_names
 
-ADAPTER_PREFIXES = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.", "modules_to_save.")
+ADAPTER_PREFIXES = ("lora_A.", "lora_B.", "lora_embedding_A.", "lora_embedding_B.", "lora_magnitude_vector.",
+                    "modules_to_save.", "vera_lambda_b.", "vera_lambda_d.", "lora_E.")
 _CONFIGS_ATTR = "lorakit_configs"
 _LAYER_INDEX = re.compile(r".*\.[^.]*\.(\d+)\.")
 _ATTENTION_WORDS = ("attn", "attention")
@@ -154,6 +156,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
     """Add adapter `name` to the targeted layers, freeze the base, make the adapter trainable."""
+    handler = handler_for(config, adapter_configs(model))  # VeRA/AdaLoRA configs go to their own module
+    if handler is not None:
+        return handler.add_adapter(model, config, name)
     if not isinstance(name, str) or not name or "." in name:
         raise LorakitError(f"adapter name must be a non-empty string without '.', got {name!r}")
     configs = adapter_configs(model)
@@ -164,7 +169,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
         module = model.get_submodule(target)
         layer = module if isinstance(module, LoraLayer) else wrap_layer(module)
         layer.add(name, config.rank_for(target), config.alpha_for(target), config.lora_dropout,
-                  config.use_rslora, config.init_lora_weights)
+                  config.use_rslora, config.init_lora_weights, config.use_dora, config.loftq_config)
         if layer is not module:
             _set_submodule(model, target, layer)
     for target in _modules_to_save_targets(model, config):
@@ -192,7 +197,7 @@ def _modules_to_save_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def is_adapter_param(param_name: str) -> bool:
-    """True for lorakit/PEFT adapter tensors (lora_A/B, lora_embedding_A/B, modules_to_save copies)."""
+    """True for lorakit/PEFT adapter tensors (lora_A/B, lora_embedding_A/B, DoRA magnitudes, modules_to_save)."""
     return any(("." + p) in ("." + param_name) for p in ADAPTER_PREFIXES)
 
 
@@ -306,9 +311,7 @@ def _merged_base(layer: LoraLayer, requantize: bool) -> nn.Module:
     if not is_quantized(base):
         layer.merge(live)
         return layer.base_layer
-    weight = base_weight(base, torch.float32)
-    for name in live:
-        weight = weight + layer.delta_weight(name)
+    weight = layer.merged_weight(live, base_weight(base, torch.float32))
     if requantize:
         return requantize_like(base, weight)
     plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,

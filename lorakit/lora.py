@@ -7,12 +7,15 @@ module's state-dict keys are PEFT's in-memory keys less the `base_model.model.` 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.dora import Magnitude, fold_dora, unfold_dora
 from lorakit.errors import LorakitError
+from lorakit.kernels.dora_linear import add_dora_update, dora_linear, row_norm, row_norm_reference
 from lorakit.kernels.lora_linear import add_low_rank_update, lora_linear
 
 
@@ -98,7 +101,7 @@ class LoraLayer(nn.Module):
         for name in names if names is not None else list(self.active_adapters):
             if name in self.merged_adapters or name not in self.scaling:
                 continue
-            self._add_to_base(self.delta_weight(name))
+            self._merge_one(name)
             self.merged_adapters.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
@@ -106,8 +109,20 @@ class LoraLayer(nn.Module):
         for name in reversed(list(self.merged_adapters)):
             if names is not None and name not in names:
                 continue
-            self._add_to_base(-self.delta_weight(name))
+            self._unmerge_one(name)
             self.merged_adapters.remove(name)
+
+    def _merge_one(self, name: str) -> None:
+        self._add_to_base(self.delta_weight(name))
+
+    def _unmerge_one(self, name: str) -> None:
+        self._add_to_base(-self.delta_weight(name))
+
+    def merged_weight(self, names: list[str], weight: torch.Tensor) -> torch.Tensor:
+        """`weight` (fp32, the base's layout) with adapters `names` folded in, leaving the layer as it is."""
+        for name in names:
+            weight = weight + self.delta_weight(name)
+        return weight
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         base = self.base_layer
@@ -118,6 +133,14 @@ class LoraLayer(nn.Module):
             return
         with torch.no_grad():
             base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
+
+    def _set_base(self, weight: torch.Tensor) -> None:
+        base = self.base_layer
+        if is_quantized(base):
+            self.base_layer = requantize_like(base, weight.to(base.compute_dtype).float())
+            return
+        with torch.no_grad():
+            base.weight.data = weight.to(base.weight.dtype)
 
 
 def requantize_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
@@ -151,21 +174,114 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (PEFT's name)
+        self._dora_cache: dict = {}  # row norms keyed by the versions of what they depend on; never saved
 
     def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-            init: bool | str = True) -> None:
+            init: bool | str = True, use_dora: bool = False, loftq_config: dict | None = None) -> None:
         """Create adapter `name`: A [r, in], B [out, r]; A random and B zero unless `init` says otherwise."""
         self._register(name, r, alpha, dropout, use_rslora)
         device = _param_device(self.base_layer)
         # Same construction order as PEFT so that seeded inits are bit-identical.
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
-        self._init(name, init)
+        self._init(name, init, loftq_config or {})
+        if use_dora:
+            self.lora_magnitude_vector[name] = Magnitude(self._initial_magnitude(name))
 
-    def _init(self, name: str, init: bool | str) -> None:
+    def _initial_magnitude(self, name: str) -> torch.Tensor:
+        """||W + s·B·A|| per output row (PEFT's DoRA init; the base weight after any init changed it)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        norm = row_norm_reference(self.weight_out_in(torch.float32), A, B, self.scaling[name])
+        dtype = _adapter_dtype(self.base_layer)
+        return norm if dtype is None else norm.to(dtype).float()
+
+    def weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as [out, in] in `dtype` (dequantized for 4-bit, transposed for Conv1D), detached."""
+        weight = base_weight(self.base_layer, dtype)
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _base_stamp(self) -> tuple:
+        base = self.base_layer
+        tensor = base.packed if is_quantized(base) else base.weight
+        return _stamp(tensor)
+
+    def _weight_sq(self, weight: torch.Tensor) -> torch.Tensor:
+        key = ("weight_sq", self._base_stamp(), weight.dtype)
+        hit = self._dora_cache.get("weight_sq")
+        if hit is None or hit[0] != key:
+            hit = (key, weight.detach().float().square().sum(1))
+            self._dora_cache["weight_sq"] = hit
+        return hit[1]
+
+    def dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s·B·A|| per output row of DoRA adapter `name` (fp32, detached; cached until A, B or W change)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        key = (_stamp(A), _stamp(B), self._base_stamp(), weight.dtype, self.scaling[name])
+        hit = self._dora_cache.get(name)
+        if hit is None or hit[0] != key:
+            weight_sq = self._weight_sq(weight) if weight.dtype in (torch.bfloat16, torch.float16) else None
+            hit = (key, row_norm(weight, A, B, self.scaling[name], weight_sq))
+            self._dora_cache[name] = hit
+        return hit[1]
+
+    def delete(self, name: str) -> None:
+        """Remove one adapter's weights from this layer (unmerging it first)."""
+        super().delete(name)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self._dora_cache.pop(name, None)
+
+    def _merge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super()._merge_one(name)
+        current = base_weight(self.base_layer, torch.float32)
+        self._set_base(self.merged_weight([name], current, unmerged=self._unmerged(current)))
+
+    def _unmerge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            return super()._unmerge_one(name)
+        current = base_weight(self.base_layer, torch.float32)
+        self._set_base(self._unfold(name, current))
+
+    def _unmerged(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` with every merged adapter taken out again, newest first (DoRA's norm needs the bare W)."""
+        for name in reversed(self.merged_adapters):
+            weight = self._unfold(name, weight)
+        return weight
+
+    def _unfold(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return weight - self.delta_weight(name)
+        norm = self._dora_cache[("merged", name)]
+        return unfold_dora(weight, self.delta_weight(name), self.lora_magnitude_vector[name].weight, norm,
+                           self.fan_in_fan_out)
+
+    def merged_weight(self, names: list[str], weight: torch.Tensor,
+                      unmerged: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight` (fp32, the base's layout) with adapters `names` folded in; DoRA's norms use `unmerged`."""
+        bare = weight if unmerged is None else unmerged
+        for name in names:
+            delta = self.delta_weight(name)
+            if name not in self.lora_magnitude_vector:
+                weight = weight + delta
+                continue
+            bare_out_in = bare.T if self.fan_in_fan_out else bare
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            norm = row_norm_reference(bare_out_in, A, B, self.scaling[name])
+            self._dora_cache[("merged", name)] = norm  # unmerge divides by this same norm
+            weight = fold_dora(weight, delta, self.lora_magnitude_vector[name].weight, norm, self.fan_in_fan_out)
+        return weight
+
+    def _init(self, name: str, init: bool | str, loftq_config: dict) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         with torch.no_grad():
             if init is False:
+                return
+            if init == "loftq":
+                from lorakit.loftq import init_loftq
+
+                init_loftq(self, name, loftq_config)
                 return
             if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
                 self._init_from_base(name, init)
@@ -210,16 +326,28 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Base output plus each live adapter's low-rank update."""
+        """Base output plus each live adapter's low-rank (or DoRA) update."""
         live = self._live_adapters()
         if len(live) == 1 and not self.fan_in_fan_out and not args and not kwargs:
             name = live[0]
-            return lora_linear(x, self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight,
-                               self.lora_dropout[name], self.scaling[name])
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            if name in self.lora_magnitude_vector:
+                return dora_linear(x, self.base_layer, A, B, self.lora_magnitude_vector[name].weight,
+                                   self.lora_dropout[name], self.scaling[name], self.weight_out_in,
+                                   partial(self.dora_norm, name))
+            return lora_linear(x, self.base_layer, A, B, self.lora_dropout[name], self.scaling[name])
         result = self.base_layer(x, *args, **kwargs)
         for name in live:
-            A, B = self.lora_A[name].weight, self.lora_B[name].weight
-            result = add_low_rank_update(result, self.lora_dropout[name](x), A, B, self.scaling[name])
+            A, B, dropout = self.lora_A[name].weight, self.lora_B[name].weight, self.lora_dropout[name]
+            if name not in self.lora_magnitude_vector:
+                result = add_low_rank_update(result, dropout(x), A, B, self.scaling[name])
+                continue
+            # PEFT's DoRA takes x·Wᵀ from the running result when x sees no dropout, else recomputes it.
+            clean = isinstance(dropout, nn.Identity) or not self.training
+            weight = self.weight_out_in(x.dtype if x.dtype in (torch.bfloat16, torch.float16) else A.dtype)
+            result = add_dora_update(result, dropout(x), weight, self.base_layer.bias, A, B,
+                                     self.lora_magnitude_vector[name].weight, self.scaling[name],
+                                     self.dora_norm(name, weight), result if clean else None)
         return result
 
     def extra_repr(self) -> str:
@@ -235,8 +363,9 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
 
     def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-            init: bool | str = True) -> None:
+            init: bool | str = True, use_dora: bool = False, loftq_config: dict | None = None) -> None:
         """Create adapter `name` on the embedding table."""
+        _refuse_dora(use_dora, "Embedding")
         if isinstance(init, str) and init != "gaussian":
             raise LorakitError(f"init_lora_weights={init!r} is not available for embeddings")
         self._register(name, r, alpha, dropout, use_rslora)
@@ -277,8 +406,9 @@ class LoraConv2d(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-            init: bool | str = True) -> None:
+            init: bool | str = True, use_dora: bool = False, loftq_config: dict | None = None) -> None:
         """Create adapter `name` on the convolution."""
+        _refuse_dora(use_dora, "Conv2d")
         if isinstance(init, str) and init != "gaussian":
             raise LorakitError(f"init_lora_weights={init!r} is not available for Conv2d")
         self._register(name, r, alpha, dropout, use_rslora)
@@ -346,6 +476,17 @@ class ModulesToSave(nn.Module):
     def forward(self, *args, **kwargs):
         """Run the active copy (or the original when adapters are off)."""
         return self.active_module()(*args, **kwargs)
+
+
+def _stamp(tensor: torch.Tensor) -> tuple[int, int]:
+    # A tensor's storage and in-place version: changes whenever its values may have changed.
+    return tensor.data_ptr(), tensor._version
+
+
+def _refuse_dora(use_dora: bool, kind: str) -> None:
+    if use_dora:
+        raise LorakitError(f"use_dora=True is supported on linear layers only, not on {kind}; "
+                           f"leave {kind} layers out of target_modules or use plain LoRA")
 
 
 def _param_device(module: nn.Module) -> torch.device:

@@ -30,6 +30,7 @@ from lorakit.optim.adamw8bit import bucket_sizes
 
 GB = 1e9
 METHODS = ("full", "lora", "qlora")
+ADAPTER_KINDS = ("lora", "vera", "adalora")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 TARGET_PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP,
@@ -159,16 +160,30 @@ def resolve_targets(targets: str | tuple[str, ...] | list[str], shape: ModelShap
     return names
 
 
-def adapter_tensors(shape: ModelShape, rank: int, targets) -> list[tuple[str, int]]:
-    """(name, numel) of every LoRA tensor: A is r x in, B is out x r, for each target in each layer."""
+def adapter_tensors(shape: ModelShape, rank: int, targets, use_dora: bool = False,
+                    adapter: str = "lora") -> list[tuple[str, int]]:
+    """(name, numel) of every trained adapter tensor, per target and layer.
+
+    LoRA: A is r x in, B is out x r (DoRA adds m, out). AdaLoRA (rank = init_r): A, B and E (r).
+    VeRA: lambda_b (out) and lambda_d (r); its shared random projections are frozen, so not trained.
+    """
     _check_rank(rank)
+    if adapter not in ADAPTER_KINDS:
+        raise LorakitError(f"estimate: adapter must be one of {ADAPTER_KINDS}, got {adapter!r}")
     linears = linear_shapes(shape)
     tensors = []
     for i in range(shape.layers):
         for proj in resolve_targets(targets, shape):
             fan_in, fan_out = linears[proj]
-            tensors += [(f"layers.{i}.{proj}.lora_A", rank * fan_in),
-                        (f"layers.{i}.{proj}.lora_B", fan_out * rank)]
+            where = f"layers.{i}.{proj}"
+            if adapter == "vera":
+                tensors += [(f"{where}.vera_lambda_b", fan_out), (f"{where}.vera_lambda_d", rank)]
+                continue
+            tensors += [(f"{where}.lora_A", rank * fan_in), (f"{where}.lora_B", fan_out * rank)]
+            if adapter == "adalora":
+                tensors.append((f"{where}.lora_E", rank))
+            if use_dora:
+                tensors.append((f"{where}.lora_magnitude_vector", fan_out))
     return tensors
 
 
@@ -405,6 +420,8 @@ class StepSettings:
     quant_blocksize: int = DEFAULT_BLOCKSIZE
     double_quant: bool = True
     attention: str = "sdpa"
+    use_dora: bool = False
+    adapter: str = "lora"  # lora, vera or adalora (rank is then VeRA's r or AdaLoRA's init_r)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -454,7 +471,7 @@ def _weights_and_trained(shape: ModelShape, tensors: list[tuple[str, int]],
     if settings.method == "full":
         master = float(params * param_bytes) if param_bytes != compute_bytes else 0.0
         return float(params * compute_bytes), master, 0.0, tensors
-    trained = adapter_tensors(shape, settings.rank, settings.targets)
+    trained = adapter_tensors(shape, settings.rank, settings.targets, settings.use_dora, settings.adapter)
     adapter = float(sum(numel for _, numel in trained) * param_bytes)
     if settings.method == "lora":
         return float(params * compute_bytes), 0.0, adapter, trained

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -13,12 +14,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from lorakit.config import TARGET_SHORTHANDS, LoraConfig, config_from_peft_dict, peft_config_dict
+from lorakit.adapter_types import AdapterConfig, config_from_peft_dict, handler_for
+from lorakit.config import BASE_CHANGING_INITS, TARGET_SHORTHANDS, LoraConfig, peft_config_dict
 from lorakit.errors import LorakitError, LorakitWarning
 from lorakit.fingerprint import base_fingerprint
 from lorakit.inject import _modules_to_save_targets, adapter_configs, add_adapter, resolve_targets
 from lorakit.lora import LoraEmbedding, LoraLayer, ModulesToSave, is_conv1d
-from lorakit.peft_keys import factor_params, peft_key, saved_bias_names
+from lorakit.peft_keys import MAGNITUDE, factor_params, peft_key, saved_bias_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -28,6 +30,9 @@ BASE_NAME_KEY = "lorakit.base_model"
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's saved key names (adapter name stripped)."""
+    handler = handler_for(_config(model, name))
+    if handler is not None:
+        return handler.adapter_state_dict(model, name)
     tensors = adapter_tensors(model, name, _config(model, name).bias)
     return {k: v.detach().contiguous().clone() for k, v in tensors.items()}
 
@@ -41,6 +46,8 @@ def adapter_tensors(model: nn.Module, name: str, bias: str) -> dict[str, torch.T
             adapted.add(path)
             keys = (peft_key(path, param) for param in factor_params(isinstance(module, LoraEmbedding)))
             tensors.update(zip(keys, _factors(module, name)))
+            if name in getattr(module, "lora_magnitude_vector", {}):
+                tensors[peft_key(path, MAGNITUDE)] = module.lora_magnitude_vector[name].weight
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for param, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
                 tensors[peft_key(path, param)] = tensor
@@ -75,6 +82,9 @@ def saved_target_modules(model: nn.Module, name: str) -> list[str] | str | None:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` as a PEFT folder that `peft.PeftModel.from_pretrained` loads; atomic."""
+    handler = handler_for(_config(model, name))
+    if handler is not None:
+        return handler.save_adapter(model, path, name)
     config = _config(model, name)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +99,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
         Path(tmp, WEIGHTS_NAME).write_bytes(deterministic_safetensors(tensors, base_metadata(model)))
         Path(tmp, CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
+        os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
+    return out
+
+
+def write_adapter_folder(model: nn.Module, path: str | os.PathLike, config_dict: dict,
+                         tensors: dict[str, torch.Tensor]) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors into `path`, atomically (for every adapter kind)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
+        Path(tmp, WEIGHTS_NAME).write_bytes(deterministic_safetensors(tensors, base_metadata(model)))
+        Path(tmp, CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True))
         os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
         os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
     return out
@@ -147,8 +170,8 @@ def check_base(model: nn.Module, folder: Path) -> str | None:
             "for: use the base it was trained on")
 
 
-def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
-    """Parse and validate a PEFT adapter_config.json (a folder or the file itself)."""
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    """Parse and validate a PEFT adapter_config.json (a folder or the file itself): a LoRA, VeRA or AdaLoRA config."""
     file = Path(path)
     file = file / CONFIG_NAME if file.is_dir() else file
     if not file.is_file():
@@ -191,7 +214,10 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, LoraLayer) else module
         keys = (peft_key(path, param) for param in factor_params(isinstance(base, nn.Embedding)))
-        shapes.update(zip(keys, _factor_shapes(base, config.rank_for(path))))
+        factor_shapes = _factor_shapes(base, config.rank_for(path))
+        shapes.update(zip(keys, factor_shapes))
+        if config.use_dora:
+            shapes[peft_key(path, MAGNITUDE)] = (factor_shapes[1][0],)
     for path in _modules_to_save_targets(model, config):
         module = model.get_submodule(path)
         original = module.original_module if isinstance(module, ModulesToSave) else module
@@ -247,6 +273,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if name in adapter_configs(model):
         raise LorakitError(f"adapter {name!r} already exists on this model; pick another name or delete it")
     config = read_adapter_config(folder)
+    handler = handler_for(config)
+    if handler is not None:
+        return handler.load_adapter(model, folder, config, name, is_trainable)
     tensors = read_adapter_tensors(folder)
     try:
         expected = expected_adapter_shapes(model, config)
@@ -256,7 +285,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     mismatch = check_base(model, folder)
     if mismatch:
         warnings.warn(mismatch, LorakitWarning, stacklevel=2)
-    add_adapter(model, config, name)
+    # The file holds the final weights: an init that rewrites the base (PiSSA, OLoRA, LoftQ) must not run again.
+    fresh = dataclasses.replace(config, init_lora_weights=True, loftq_config={}) \
+        if config.init_lora_weights in BASE_CHANGING_INITS or str(config.init_lora_weights).startswith("pissa") \
+        else config
+    add_adapter(model, fresh, name)
+    adapter_configs(model)[name] = config
     own = adapter_tensors(model, name, config.bias)
     with torch.no_grad():
         for key, tensor in tensors.items():

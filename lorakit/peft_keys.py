@@ -9,6 +9,7 @@ PREFIX = "base_model.model."  # PeftModel.base_model is the LoraModel, whose .mo
 # A Linear or Conv2d LoRA saves its factors as modules (".weight"); an Embedding LoRA as bare parameters.
 LINEAR_FACTORS = ("lora_A.weight", "lora_B.weight")
 EMBEDDING_FACTORS = ("lora_embedding_A", "lora_embedding_B")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, saved without the adapter name and without ".weight"
 # Base biases inside these are the wrapper's copies, never saved as base biases.
 _COPIES = (".modules_to_save.", ".original_module.")
 

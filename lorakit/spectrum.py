@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapter_types import adapter_kind
 from lorakit.errors import LorakitError
 from lorakit.lora import lora_scale
 from lorakit.peft_format import (
@@ -55,6 +56,45 @@ def rank_mismatches(config, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
     return mismatched
 
 
+def _tensor_line(tensors: dict[str, torch.Tensor], size: int) -> str:
+    n_params = sum(t.numel() for t in tensors.values())
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    return f"  parameters: {n_params:,d}   dtypes: {', '.join(dtypes)}   size on disk: {size / 1e6:.2f} MB"
+
+
+def describe_other(folder: Path, config, tensors: dict[str, torch.Tensor], size: int) -> list[str]:
+    """The summary of a VeRA or AdaLoRA folder: its settings, tensors and what training did to them."""
+    targets = config.target_modules if isinstance(config.target_modules, str) else \
+        f"{len(config.target_modules or [])} entries"
+    by_suffix = {}
+    for key, tensor in tensors.items():
+        by_suffix.setdefault(key.rsplit(".", 1)[-1], []).append(tensor)
+    if adapter_kind(config) == "VERA":
+        lambda_b, lambda_d = by_suffix.get("vera_lambda_b", []), by_suffix.get("vera_lambda_d", [])
+        lines = [f"adapter: {folder}",
+                 f"  peft_type VERA  r={config.r}  d_initial={config.d_initial}  "
+                 f"projection_prng_key={config.projection_prng_key}  save_projection={config.save_projection}  "
+                 f"target_modules: {targets}",
+                 f"  adapted layers: {len(lambda_b)}   " + _tensor_line(tensors, size).strip()]
+        if lambda_b:
+            b_max = max(float(t.abs().max()) for t in lambda_b)
+            d_mean = sum(float(t.float().mean()) for t in lambda_d) / max(1, len(lambda_d))
+            lines.append(f"  |lambda_b| max {b_max:.4g}; lambda_d mean {d_mean:.4g}")
+            if b_max == 0:
+                lines.append("  all updates are zero: lambda_b is still at its zero init (untrained adapter)")
+        return lines
+    energies = by_suffix.get("lora_E", [])
+    kept = [sum(flags) for flags in (config.rank_pattern or {}).values()] or [t.shape[0] for t in energies]
+    lines = [f"adapter: {folder}",
+             f"  peft_type ADALORA  init_r={config.init_r}  target_r={config.target_r}  "
+             f"lora_alpha={config.lora_alpha}  total_step={config.total_step}  target_modules: {targets}",
+             f"  adapted layers: {len(energies)}   " + _tensor_line(tensors, size).strip()]
+    if kept:
+        lines.append(f"  kept ranks (rank_pattern): mean {sum(kept) / len(kept):.2f}, min {min(kept)}, "
+                     f"max {max(kept)} of init_r {config.init_r}")
+    return lines
+
+
 def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
     """A readable summary of an adapter folder (config, ranks, counts, size, spectrum)."""
     folder = Path(path)
@@ -66,6 +106,8 @@ def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
     config = read_adapter_config(folder)
     tensors = read_adapter_tensors(folder)
     size = sum((folder / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME))
+    if adapter_kind(config) != "LORA":
+        return "\n".join(describe_other(folder, config, tensors, size))
     n_params = sum(t.numel() for t in tensors.values())
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     layers = linear_factors(tensors)
@@ -73,7 +115,8 @@ def describe_adapter(path: str | os.PathLike, per_layer: bool = False) -> str:
         f"{len(config.target_modules or [])} entries"
     lines = [
         f"adapter: {folder}",
-        f"  peft_type LORA  r={config.r}  lora_alpha={config.lora_alpha}  rslora={config.use_rslora}  "
+        f"  peft_type LORA{' (DoRA)' if config.use_dora else ''}"
+        f"  r={config.r}  lora_alpha={config.lora_alpha}  rslora={config.use_rslora}  "
         f"dropout={config.lora_dropout}  target_modules: {targets}",
         f"  adapted layers: {len(layers)}   parameters: {n_params:,d}   dtypes: {', '.join(dtypes)}   "
         f"size on disk: {size / 1e6:.2f} MB",

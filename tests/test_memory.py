@@ -353,3 +353,19 @@ def test_cli_estimate_for_the_cpu_uses_plain_attention_and_the_gpu_sdpa(capsys):
     for kind, out in (("plain", cpu), ("sdpa", gpu)):
         step = estimate(SMOLLM2, StepSettings(method="lora", batch=4, seq_len=1024, attention=kind))
         assert f"  {'activations':<22} {step.activations / 1e9:8.3f} GB" in out.splitlines(), kind
+
+
+@pytest.mark.parametrize("kind,config,rank", [
+    ("lora", lk.LoraConfig(r=8, target_modules="all-linear"), 8),
+    ("dora", lk.LoraConfig(r=8, target_modules="all-linear", use_dora=True), 8),
+    ("vera", lk.VeraConfig(r=16, target_modules="all-linear"), 16),
+    ("adalora", lk.AdaLoraConfig(init_r=6, target_r=2, total_step=10, target_modules="all-linear"), 6),
+])
+def test_adapter_tensors_count_what_each_variant_trains(kind, config, rank):
+    """The estimator's trained tensors equal the trainable parameters of the real adapter on the same model."""
+    model = tiny_llama()
+    shape = ModelShape.from_hf_config(model.config.to_dict())
+    lk.add_adapter(model, config)
+    adapter = {"dora": "lora"}.get(kind, kind)
+    predicted = adapter_tensors(shape, rank, "all-linear", use_dora=kind == "dora", adapter=adapter)
+    assert sum(n for _, n in predicted) == lk.trainable_parameters(model)[0]

@@ -6,7 +6,7 @@ from helpers import tiny_llama
 
 from lorakit.cli import main
 from lorakit.config import LoraConfig
-from lorakit.inject import add_adapter, lora_layers
+from lorakit.inject import adapter_configs, add_adapter, lora_layers
 from lorakit.peft_format import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from lorakit.spectrum import delta_singular_values, describe_adapter, effective_rank
 
@@ -107,3 +107,25 @@ def test_cli_inspect_of_a_non_adapter_folder_is_one_line_error(tmp_path, capsys)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lorakit: error: ") and str(tmp_path) in lines[0]
+
+
+def test_inspect_describes_vera_and_adalora_folders(tmp_path, capsys):
+    """`lorakit inspect` on a VeRA and an AdaLoRA folder: kind, settings, layers and what training changed."""
+    import lorakit as lk
+
+    vera = lk.add_adapter(tiny_llama(), lk.VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    save_adapter(vera, tmp_path / "vera")
+    assert main(["inspect", str(tmp_path / "vera")]) == 0
+    out = capsys.readouterr().out
+    assert "peft_type VERA  r=8" in out and "adapted layers: 4 " in out
+    assert "lambda_b is still at its zero init" in out
+    adalora = lk.add_adapter(tiny_llama(), lk.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                             target_modules=["q_proj", "v_proj"]))
+    adalora.eval()
+    adapter_configs(adalora)["default"].rank_pattern = {f"{p}.lora_E": [True, False, True, False]
+                                                           for p, _ in lora_layers(adalora)}
+    save_adapter(adalora, tmp_path / "adalora")
+    assert main(["inspect", str(tmp_path / "adalora")]) == 0
+    out = capsys.readouterr().out
+    assert "peft_type ADALORA  init_r=4  target_r=2" in out
+    assert "kept ranks (rank_pattern): mean 2.00, min 2, max 2 of init_r 4" in out

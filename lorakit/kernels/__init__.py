@@ -9,6 +9,7 @@ from lorakit.kernels import (
     cache_attention,
     cross_entropy,
     dequant_4bit,
+    dora_linear,
     lora_linear,
     multi_lora,
     rms_norm,
@@ -16,5 +17,6 @@ from lorakit.kernels import (
 )
 from lorakit.kernels.dispatch import TABLE, Kernel, forced_reference, select, why_not
 
-__all__ = ["TABLE", "Kernel", "attention", "cache_attention", "cross_entropy", "dequant_4bit", "forced_reference",
+__all__ = ["TABLE", "Kernel", "attention", "cache_attention", "cross_entropy", "dequant_4bit", "dora_linear",
+           "forced_reference",
            "lora_linear", "multi_lora", "rms_norm", "select", "swiglu", "why_not"]

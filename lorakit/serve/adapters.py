@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapter_types import adapter_kind
 from lorakit.errors import LorakitError, UnknownAdapter
 from lorakit.lora import lora_scale
 from lorakit.peft_format import read_adapter_config, read_adapter_tensors
@@ -46,6 +47,12 @@ def read_adapter(name: str, path: str | os.PathLike, shapes: dict[str, tuple[int
     """
     folder = Path(path)
     config = read_adapter_config(folder)
+    if adapter_kind(config) != "LORA":
+        raise LorakitError(f"adapter {name!r} ({folder}): a {adapter_kind(config)} adapter is not served batched; "
+                           "merge it into the base instead (lorakit merge)")
+    if config.use_dora:
+        raise LorakitError(f"adapter {name!r} ({folder}): a DoRA adapter rescales the base's rows, which a shared "
+                           "base cannot serve batched; merge it into the base instead (lorakit merge)")
     if config.modules_to_save or config.bias != "none":
         raise LorakitError(f"adapter {name!r} ({folder}): modules_to_save and trained biases change the base "
                            "itself, which a shared base cannot serve; merge it instead (lorakit merge)")

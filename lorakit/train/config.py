@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from lorakit.adalora import AdaLoraConfig
 from lorakit.config import LoraConfig
 from lorakit.constants import DEFAULT_MODEL, OPTIMIZERS, QUANT_TYPES
 from lorakit.errors import LorakitError
 from lorakit.kernels.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
+from lorakit.vera import VeraConfig
 
 SCHEDULERS = ("cosine", "linear", "constant")
 QUANTIZE_CHOICES = (*QUANT_TYPES, None)  # None: a float base
@@ -21,10 +23,21 @@ FLOAT_FIELDS = ("val_fraction", "num_epochs", "learning_rate", "weight_decay", "
 BOOL_FIELDS = ("packing", "train_on_prompt", "gradient_checkpointing", "bf16", "chunked_loss", "fast_kernels",
                "tensorboard")
 DEVICES = ("auto", "cpu", "cuda")
+# `adapter:` picks the kind; its settings are the mapping of the same name (PEFT's config fields).
+ADAPTER_CONFIGS = {"lora": LoraConfig, "vera": VeraConfig, "adalora": AdaLoraConfig}
 
 
 def _default_lora() -> dict[str, Any]:
     return {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+def _default_vera() -> dict[str, Any]:
+    return {"r": 256, "target_modules": "all-linear"}
+
+
+def _default_adalora() -> dict[str, Any]:
+    # total_step is the run's step count unless set; the schedule prunes 12 -> 8 between tinit and tfinal.
+    return {"init_r": 12, "target_r": 8, "lora_alpha": 32, "target_modules": "all-linear"}
 
 
 @dataclass
@@ -37,7 +50,10 @@ class TrainConfig:
     val_file: str | None = None
     val_fraction: float = 0.0
     output_dir: str = "runs/train"
+    adapter: str = "lora"
     lora: dict[str, Any] = field(default_factory=_default_lora)
+    vera: dict[str, Any] = field(default_factory=_default_vera)
+    adalora: dict[str, Any] = field(default_factory=_default_adalora)
     max_seq_len: int = 512
     packing: bool = False
     train_on_prompt: bool = False
@@ -92,13 +108,26 @@ class TrainConfig:
             raise LorakitError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not self.num_epochs > 0:
             raise LorakitError(f"num_epochs must be > 0, got {self.num_epochs!r}")
-        if not isinstance(self.lora, dict):
-            raise LorakitError(f"lora must be a mapping of LoraConfig fields, got {self.lora!r}")
-        self.lora_config()  # validate early, with the key names the user wrote
+        _choice("adapter", self.adapter, tuple(ADAPTER_CONFIGS))
+        for kind, config_class in ADAPTER_CONFIGS.items():
+            if not isinstance(getattr(self, kind), dict):
+                raise LorakitError(f"{kind} must be a mapping of {config_class.__name__} fields, "
+                                   f"got {getattr(self, kind)!r}")
+        self.adapter_config()  # validate early, with the key names the user wrote
 
     def lora_config(self) -> LoraConfig:
-        """The adapter's LoraConfig (unknown keys are errors with a suggestion)."""
+        """The `lora:` mapping as a LoraConfig (unknown keys are errors with a suggestion)."""
         return LoraConfig.from_dict(self.lora, strict=True, where="lora")
+
+    def adapter_config(self, total_steps: int | None = None) -> LoraConfig | VeraConfig | AdaLoraConfig:
+        """The config of the adapter to train: `adapter:` picks lora, vera or adalora, each from its mapping.
+
+        AdaLoRA's budget schedule needs the run's length: total_step defaults to `total_steps`.
+        """
+        values = dict(getattr(self, self.adapter))
+        if self.adapter == "adalora" and values.get("total_step") is None:
+            values["total_step"] = total_steps or max(1, self.max_steps)
+        return ADAPTER_CONFIGS[self.adapter].from_dict(values, strict=True, where=self.adapter)
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the base is held and computed in: bf16 when `bf16`, else fp32."""
@@ -169,7 +198,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply --set overrides to the raw dict (nested keys with dots, e.g. lora.r=8)."""
-    data = {**data, "lora": dict(data.get("lora") or _default_lora())}
+    defaults = {"lora": _default_lora, "vera": _default_vera, "adalora": _default_adalora}
+    data = {**data, **{kind: dict(data.get(kind) or make()) for kind, make in defaults.items()}}
     valid = [f.name for f in fields(TrainConfig)]
     for text in overrides:
         path, value = parse_override(text)
@@ -177,13 +207,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise LorakitError(f"--set {text!r}: unknown key {path[0]!r}{_suggest(path[0], valid)}")
         if len(path) == 1:
             data[path[0]] = value
-        elif path[0] == "lora" and len(path) == 2:
-            lora_keys = [f.name for f in fields(LoraConfig)]
-            if path[1] not in lora_keys:
-                raise LorakitError(f"--set {text!r}: unknown lora key {path[1]!r}{_suggest(path[1], lora_keys)}")
-            data["lora"][path[1]] = value
+        elif path[0] in ADAPTER_CONFIGS and len(path) == 2:
+            keys = [f.name for f in fields(ADAPTER_CONFIGS[path[0]])]
+            if path[1] not in keys:
+                raise LorakitError(f"--set {text!r}: unknown {path[0]} key {path[1]!r}{_suggest(path[1], keys)}")
+            data[path[0]][path[1]] = value
         else:
-            raise LorakitError(f"--set {text!r}: only lora.<key> may be nested")
+            raise LorakitError(f"--set {text!r}: only lora.<key>, vera.<key> and adalora.<key> may be nested")
     return data
 
 
@@ -223,9 +253,17 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
     for key, value in data.items():
         if key == "lora" and isinstance(value, dict):
             flat.update({f"lora.{k}": v for k, v in LoraConfig.from_dict(value, strict=False).to_dict().items()})
+        elif key in ADAPTER_CONFIGS and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _with_defaults(ADAPTER_CONFIGS[key], value).items()})
         else:
             flat[key] = value
     return flat
+
+
+def _with_defaults(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with each omitted field at its default, unvalidated (AdaLoRA's total_step may still be unset)."""
+    defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(config_class)}
+    return {**defaults, **values}
 
 
 def _same_path(a: Any, b: Any) -> bool:

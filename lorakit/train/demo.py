@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lorakit.constants import DEFAULT_MODEL
+from lorakit.constants import DEFAULT_MODEL, DEMO_ADAPTERS
 from lorakit.errors import LorakitError
 from lorakit.train import demo_task
 from lorakit.train.config import TrainConfig
@@ -23,16 +23,34 @@ from lorakit.train.evaluate import prompt_messages, reference_answer
 from lorakit.train.trainer import train
 
 DEMO_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+DEMO_LR = 1e-3
+VERA_LR = 1e-2
 
 
-def demo_config(out_dir: Path, steps: int, batch_size: int) -> TrainConfig:
-    """The demo's training settings (QLoRA NF4, r=16 on all linear layers)."""
-    return TrainConfig(
+def demo_adapter(adapter: str, steps: int) -> dict[str, Any]:
+    """TrainConfig settings for `--adapter` (constants.DEMO_ADAPTERS), all on the NF4 base's linear layers."""
+    if adapter not in DEMO_ADAPTERS:
+        raise LorakitError(f"--adapter must be one of {', '.join(DEMO_ADAPTERS)}, got {adapter!r}")
+    if adapter in ("lora", "dora"):
+        return {"lora": {**DEMO_LORA, "use_dora": adapter == "dora"}}
+    if adapter == "vera":
+        # VeRA trains two scaling vectors per layer over frozen random projections: it wants a larger step.
+        return {"adapter": "vera", "vera": {"r": 256, "target_modules": "all-linear"}, "learning_rate": VERA_LR}
+    # AdaLoRA starts at rank 12 and prunes to an average of 8 between 10% and 80% of the run.
+    schedule = {"tinit": steps // 10, "tfinal": steps // 5, "deltaT": max(1, steps // 24), "total_step": steps}
+    return {"adapter": "adalora", "adalora": {"init_r": 12, "target_r": 8, "lora_alpha": 32,
+                                              "target_modules": "all-linear", **schedule}}
+
+
+def demo_config(out_dir: Path, steps: int, batch_size: int, adapter: str = "lora") -> TrainConfig:
+    """The demo's training settings (NF4 base, all linear layers; LoRA r=16 unless `adapter` says otherwise)."""
+    settings = dict(
         model=DEFAULT_MODEL, quantize="nf4", train_file=str(out_dir / "data" / "train.jsonl"),
-        output_dir=str(out_dir / "train"), lora=dict(DEMO_LORA), max_seq_len=96, batch_size=batch_size,
-        max_steps=steps, learning_rate=1e-3, warmup_ratio=0.05, lr_scheduler="cosine", weight_decay=0.0,
+        output_dir=str(out_dir / "train"), max_seq_len=96, batch_size=batch_size,
+        max_steps=steps, learning_rate=DEMO_LR, warmup_ratio=0.05, lr_scheduler="cosine", weight_decay=0.0,
         eval_every=10**9, save_every=max(10, steps // 3), log_every=1, seed=0,
     )
+    return TrainConfig(**{**settings, **demo_adapter(adapter, steps)})
 
 
 def slice_accuracies(predictions: list[str], in_dist: list[dict],
@@ -45,16 +63,33 @@ def slice_accuracies(predictions: list[str], in_dist: list[dict],
             "ood": (sum(scores[split:]) / max(1, len(ood)), predictions[split:])}
 
 
-def base_and_tuned_predictions(adapter_dir: str, examples: list[dict], max_new_tokens: int) -> tuple[list, list]:
-    """Greedy answers of the base and of base + adapter, in one mixed batch through the engine (a fresh NF4 base)."""
+def base_and_tuned_predictions(adapter_dir: str, examples: list[dict], max_new_tokens: int,
+                               merged: bool = False) -> tuple[list, list]:
+    """Greedy answers of the base and of base + adapter through the engine (a fresh NF4 base).
+
+    A LoRA adapter runs in one mixed batch with the base. An adapter the batched engine cannot serve
+    (`merged=True`: DoRA) is folded into a second copy of the base, as `lorakit merge` does.
+    """
+    from lorakit.inject import unload
     from lorakit.models import load_model
+    from lorakit.peft_format import load_adapter
     from lorakit.serve.engine import Engine
 
     model, tokenizer = load_model(DEFAULT_MODEL, quantize="nf4", dtype=torch.bfloat16)
     prompts = [render_chat(tokenizer, prompt_messages(e), add_generation_prompt=True) for e in examples]
     longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    engine = Engine(model, tokenizer, max_loras=1, max_cpu_loras=1, max_batch=64,
-                    max_model_len=longest + max_new_tokens)
+
+    def engine_for(base: torch.nn.Module) -> Engine:
+        return Engine(base, tokenizer, max_loras=1, max_cpu_loras=1, max_batch=64,
+                      max_model_len=longest + max_new_tokens)
+
+    if merged:
+        before = engine_for(model).generate(prompts, max_new_tokens=max_new_tokens)
+        tuned = unload(load_adapter(load_model(DEFAULT_MODEL, quantize="nf4", dtype=torch.bfloat16)[0],
+                                    adapter_dir), merge=True)
+        after = engine_for(tuned).generate(prompts, max_new_tokens=max_new_tokens)
+        return [r.text for r in before], [r.text for r in after]
+    engine = engine_for(model)
     engine.add_adapter("dates", adapter_dir)
     results = engine.generate(prompts * 2, [None] * len(prompts) + ["dates"] * len(prompts),
                               max_new_tokens=max_new_tokens)
@@ -64,9 +99,11 @@ def base_and_tuned_predictions(adapter_dir: str, examples: list[dict], max_new_t
 
 def run_demo(out: str | Path = "runs/demo", steps: int = 120, batch_size: int = 16, n_train: int = 2000,
              n_heldout: int = 100, overwrite: bool = False, progress: bool = True,
-             say=print) -> dict[str, Any]:
+             say=print, adapter: str = "lora") -> dict[str, Any]:
     """Run the demo end to end and return (and write to OUT/results.json) its results."""
     started = time.time()
+    settings = demo_adapter(adapter, steps)
+    lora = settings.get(settings.get("adapter", "lora"))
     out_dir = Path(out)
     if (out_dir / "results.json").exists() and not overwrite:
         raise LorakitError(f"{out_dir} holds a finished demo; pass --overwrite or choose another --out")
@@ -82,10 +119,11 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 120, batch_size: int = 
     say(f"task: normalise free-form dates (1900-2099) to ISO 8601 ({n_train} train examples; held out: "
         f"{len(in_dist)} in-distribution, {len(ood)} with unseen years or spellings)")
 
-    cfg = demo_config(out_dir, steps, batch_size)
+    cfg = demo_config(out_dir, steps, batch_size, adapter)
     results = train(cfg, overwrite=True, model=model, tokenizer=tokenizer, progress=progress)
     del model  # the engine serves a fresh base with the adapter from its folder
-    before, after = base_and_tuned_predictions(results["adapter_dir"], heldout, demo_task.MAX_NEW_TOKENS)
+    before, after = base_and_tuned_predictions(results["adapter_dir"], heldout, demo_task.MAX_NEW_TOKENS,
+                                               merged=adapter != "lora")
     base, tuned = slice_accuracies(before, in_dist, ood), slice_accuracies(after, in_dist, ood)
     say(f"base model held-out exact match: {base['all'][0]:.2f} (unseen years/spellings {base['ood'][0]:.2f})")
     say(f"tuned model held-out exact match: {tuned['all'][0]:.2f} (unseen years/spellings {tuned['ood'][0]:.2f})")
@@ -109,7 +147,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 120, batch_size: int = 
         "train_seconds": results["train_seconds"], "total_seconds": round(time.time() - started, 1),
         "tokens_per_s": results["tokens_per_s"], "final_loss": results["final_loss"],
         "adapter_dir": results["adapter_dir"], "adapter_bytes": results["adapter_bytes"], "quant_type": "nf4",
-        "lora": DEMO_LORA, "trainable_params": results["trainable_params"], "total_params": results["total_params"],
+        "adapter": adapter, "lora": lora, "trainable_params": results["trainable_params"],
+        "total_params": results["total_params"],
         "examples": examples,
     }
     tmp = out_dir / "results.json.tmp"

@@ -175,12 +175,14 @@ def estimate_run(cfg: TrainConfig, device: str | None = None, method: str | None
     if method not in METHODS:
         raise LorakitError(f"estimate: method must be one of {METHODS}, got {method!r}")
     shape = load_shape(cfg.model)
-    lora = cfg.lora_config()
+    adapter = cfg.adapter_config()
+    rank = adapter.init_r if cfg.adapter == "adalora" else adapter.r
     compute_dtype = cfg.compute_dtype()
-    settings = StepSettings(method=method, rank=lora.r, targets=lora.target_modules, batch=cfg.batch_size,
+    settings = StepSettings(method=method, rank=rank, targets=adapter.target_modules, batch=cfg.batch_size,
                             seq_len=cfg.max_seq_len, optimizer=cfg.optimizer,
                             gradient_checkpointing=cfg.gradient_checkpointing, compute_dtype=compute_dtype,
-                            chunked_ce=cfg.chunked_loss, attention=attention_for(cfg, device))
+                            chunked_ce=cfg.chunked_loss, attention=attention_for(cfg, device),
+                            use_dora=getattr(adapter, "use_dora", False), adapter=cfg.adapter)
     step = estimate(shape, settings)
     load = load_peak_bytes(shape, step.weights, quantized=method == "qlora")
     baseline = RUNTIME_BASELINE_BYTES if baseline_bytes is None else float(baseline_bytes)

@@ -22,6 +22,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from lorakit.adalora_budget import orthogonal_regularization, update_and_allocate
 from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
 from lorakit.fast_training import chunked_lm_loss, enable_fast_training
 from lorakit.files import write_text_atomic
@@ -88,11 +89,13 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], chunked: bool,
-                         bf16: bool) -> float:
+                         bf16: bool, regulariser: Callable[[nn.Module], torch.Tensor] | None = None) -> float:
     """Backward over one optimizer step's micro-batches; returns the step's loss (NaN/inf stops early).
 
     Each micro-batch's mean loss is weighted by its share of the step's labelled tokens, so the gradient
     equals that of one batch holding them all (a plain 1/accum weight would overweight short batches).
+    A `regulariser` (AdaLoRA's orthogonality term) joins each micro-batch's loss, weighted alike, so the
+    step counts it once; the returned loss is the task loss alone.
     """
     counts = [labelled_tokens(batch) for batch in micro_batches]
     total = sum(counts)
@@ -105,6 +108,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         value = float(loss.detach())
         if not math.isfinite(value):
             return value
+        if regulariser is not None:
+            loss = loss + regulariser(model)
         (loss * (count / total)).backward()
         step_loss += value * count / total
     return step_loss
@@ -229,6 +234,9 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     if not cfg.train_file:
         raise LorakitError("train_file is not set: give a JSONL file (chat, Alpaca or text format)")
     device = cfg.torch_device()
+    if resume and cfg.adapter == "adalora":
+        raise LorakitError("--resume is not available for adapter: adalora (the rank budget's sensitivity "
+                           "scores are not checkpointed); start again with --overwrite")
     folder_state = check_run_dir(run_dir, overwrite, resume)
     changes = resume_changes(read_saved_config(run_dir), cfg, str(run_dir / CONFIG_NAME)) if resume else {}
     model, tokenizer, train_set, val_set, data_stats = load_inputs(cfg, model, tokenizer)
@@ -306,12 +314,12 @@ class Run:
                         rng=rng)
 
 
-def prepare_model(cfg: TrainConfig, folder: RunFolder, model: nn.Module) -> dict[str, Any]:
+def prepare_model(cfg: TrainConfig, folder: RunFolder, model: nn.Module, total_steps: int) -> dict[str, Any]:
     """A fresh adapter or the checkpoint's, checkpointing and fast paths on; returns the checkpoint's state."""
     checkpoint = find_checkpoint(folder.run_dir) if not folder.fresh else None
     if checkpoint is None:
         torch.manual_seed(cfg.seed)
-        add_adapter(model, cfg.lora_config(), name="default")
+        add_adapter(model, cfg.adapter_config(total_steps), name="default")
         state: dict[str, Any] = {"step": 0}
     else:
         state = load_checkpoint(checkpoint, model)
@@ -347,10 +355,10 @@ def make_schedule(cfg: TrainConfig, model: nn.Module, total_steps: int,
 def setup(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list, val_set: list, data_stats: dict,
           pad_id: int, changes: dict) -> Run:
     """Adapter, optimizer, schedule and logs of a new or resumed run; writes config.yaml."""
-    state = prepare_model(cfg, folder, model)
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * micro_per_epoch
                                                     / cfg.gradient_accumulation_steps))
+    state = prepare_model(cfg, folder, model, total_steps)
     optimizer, scheduler = make_schedule(cfg, model, total_steps, state)
     step = int(state["step"])
     resumes = list(state.get("resumes", []))
@@ -372,7 +380,9 @@ def train_step(run: Run) -> dict[str, Any]:
     cfg, t0 = run.cfg, time.perf_counter()
     batches = [run.micro_batch(run.step * cfg.gradient_accumulation_steps + micro)
                for micro in range(cfg.gradient_accumulation_steps)]
-    step_loss = accumulate_gradients(run.model, batches, cfg.chunked_loss, cfg.bf16)
+    adalora = cfg.adapter == "adalora"
+    step_loss = accumulate_gradients(run.model, batches, cfg.chunked_loss, cfg.bf16,
+                                     orthogonal_regularization if adalora else None)
     if not math.isfinite(step_loss):
         raise TrainingStopped(nonfinite_message(run.folder.run_dir, step_loss, run.step + 1, cfg.learning_rate,
                                                 kept=not run.folder.fresh))
@@ -387,6 +397,8 @@ def train_step(run: Run) -> dict[str, Any]:
                                        cfg.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
+    if adalora:  # the budget schedule reads this step's gradients (PEFT's update_and_allocate, 0-based step)
+        update_and_allocate(run.model, run.step)
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.folder.commit()  # the new run trains: the run it replaces (if any) can go

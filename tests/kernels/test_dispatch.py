@@ -13,7 +13,8 @@ from lorakit.kernels import compile as compile_module
 from lorakit.kernels.dispatch import TABLE, reference, select, why_not
 from lorakit.kernels.report import example_inputs, report_lines
 
-OPS = ("dequantize_4bit", "attention", "silu_mul", "rms_norm", "lora_linear", "multi_lora", "cache_attention",
+OPS = ("dequantize_4bit", "attention", "silu_mul", "rms_norm", "lora_linear", "dora_linear", "multi_lora",
+       "cache_attention",
        "cross_entropy")
 
 

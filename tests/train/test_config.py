@@ -70,7 +70,7 @@ def test_unknown_yaml_key_suggests_the_closest(data, message):
     ("learnin_rate=1e-4", "unknown key 'learnin_rate'; did you mean 'learning_rate'?"),
     ("lora.lora_alph=4", "unknown lora key 'lora_alph'; did you mean 'lora_alpha'?"),
     ("lora.rank=4", "unknown lora key 'rank'; valid keys: r, lora_alpha"),
-    ("optimizer.lr=1", "only lora.<key> may be nested"),
+    ("optimizer.lr=1", "only lora.<key>, vera.<key> and adalora.<key> may be nested"),
 ])
 def test_unknown_set_key_suggests_the_closest(override, message):
     with pytest.raises(LorakitError, match=message.replace("?", r"\?")):

@@ -71,3 +71,51 @@ def test_the_trainer_holds_the_base_in_its_compute_dtype(tiny, quantize, bf16):
         assert len(quantized) == 14 and {m.compute_dtype for m in quantized} == {dtype}
         assert {m.quant_type for m in quantized} == {quantize}
     assert train_set and stats["empty_answers"] == 0
+
+
+@pytest.mark.parametrize(("quantize", "bf16"), list(itertools.product(QUANTIZE[:2], BF16)))
+def test_dora_trains_the_same_function_with_every_switch(tiny, quantize, bf16):
+    """lora.use_dora: each checkpointing/fast-kernel variant trains B and m, and the loss curves agree."""
+    losses = {}
+    for checkpointing, fast in itertools.product(CHECKPOINTING, FAST_KERNELS):
+        name = f"dora-{quantize}-{bf16}-{checkpointing}-{fast}"
+        cfg = settings(tiny, quantize, bf16, "auto", checkpointing, name, fast)
+        cfg["lora"] = {**cfg.get("lora", {}), "r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                       "use_dora": True}
+        results = train(TrainConfig(**cfg), progress=False)
+        saved = load_file(f"{results['adapter_dir']}/adapter_model.safetensors")
+        magnitudes = [t for k, t in saved.items() if k.endswith("lora_magnitude_vector")]
+        assert len(magnitudes) == 14, name
+        assert all(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k), f"{name}: B did not train"
+        metrics = [line for line in (tiny["root"] / name / "metrics.jsonl").read_text().splitlines() if line]
+        losses[(checkpointing, fast)] = [float(line.split('"loss": ')[1].split(",")[0]) for line in metrics]
+    reference = losses[(False, False)]
+    tolerance = 2e-2 if bf16 else 1e-4
+    for variant, curve in losses.items():
+        assert curve == pytest.approx(reference, rel=tolerance), (variant, curve, reference)
+
+
+@pytest.mark.parametrize("quantize", QUANTIZE[:2])
+@pytest.mark.parametrize("bf16", BF16)
+def test_vera_and_adalora_train_from_the_config(tiny, quantize, bf16):
+    """adapter: vera | adalora trains from its own mapping: the lambdas move, AdaLoRA prunes to target_r."""
+    import json
+
+    for kind, values in (("vera", {"r": 16, "target_modules": "all-linear"}),
+                         ("adalora", {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1,
+                                      "lora_alpha": 8, "target_modules": "all-linear"})):
+        name = f"{kind}-{quantize}-{bf16}"
+        cfg = {**settings(tiny, quantize, bf16, name=name), "adapter": kind, kind: values, "max_steps": 6}
+        results = train(TrainConfig(**cfg), progress=False)
+        assert results["steps"] == 6 and math.isfinite(results["final_loss"]), name
+        folder = results["adapter_dir"]
+        saved = load_file(f"{folder}/adapter_model.safetensors")
+        written = json.loads(open(f"{folder}/adapter_config.json").read())
+        assert written["peft_type"] == kind.upper(), name
+        if kind == "vera":
+            lambda_d = [t for k, t in saved.items() if k.endswith("vera_lambda_d")]
+            assert len(lambda_d) == 14 and all((t - 0.1).abs().max() > 0 for t in lambda_d), name
+        else:
+            kept = [sum(flags) for flags in written["rank_pattern"].values()]
+            assert len(kept) == 14 and sum(kept) / len(kept) == pytest.approx(2), (name, kept)
+            assert {tuple(t.shape)[0] for k, t in saved.items() if k.endswith("lora_E")} <= {0, 1, 2, 3, 4}
