@@ -19,13 +19,12 @@ from lorakit.adalora import AdaLoraConfig, AdaLoraLinear, adalora_layers
 from lorakit.adapter_types import check_saved_tensors, handler_for
 from lorakit.errors import LorakitError, LorakitWarning
 from lorakit.inject import (
-    _freeze_base,
     _modules_to_save_targets,
     _set_submodule,
     adapter_configs,
-    lora_layers,
+    check_new_name,
+    finish_adding,
     resolve_targets,
-    set_adapter,
 )
 from lorakit.lora import LoraLayer, ModulesToSave, is_linear_like
 from lorakit.peft_format import (
@@ -33,7 +32,8 @@ from lorakit.peft_format import (
     WEIGHTS_NAME,
     check_base,
     read_adapter_tensors,
-    saved_target_modules,
+    saved_extras,
+    tuner_config_dict,
     write_adapter_folder,
 )
 from lorakit.peft_keys import peft_key, saved_bias_names
@@ -59,29 +59,15 @@ def _plan(model: nn.Module, config: AdaLoraConfig) -> list[str]:
 
 def add_adapter(model: nn.Module, config: AdaLoraConfig, name: str = "default") -> nn.Module:
     """Add AdaLoRA adapter `name` at rank init_r on the targeted layers; base frozen, adapter trainable."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise LorakitError(f"adapter name must be a non-empty string without '.', got {name!r}")
-    configs = adapter_configs(model)
-    if name in configs:
-        raise LorakitError(f"adapter {name!r} already exists on this model; delete_adapter() it first")
-    handler_for(config, configs)
+    check_new_name(model, name)
+    handler_for(config, adapter_configs(model))
     for target in _plan(model, config):
         module = model.get_submodule(target)
         layer = module if isinstance(module, AdaLoraLinear) else AdaLoraLinear(module)
         layer.add(name, config.init_r, config.lora_alpha, config.lora_dropout, config.init_lora_weights)
         if layer is not module:
             _set_submodule(model, target, layer)
-    for target in _modules_to_save_targets(model, config):
-        module = model.get_submodule(target)
-        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-        wrapper.add(name)
-        if wrapper is not module:
-            _set_submodule(model, target, wrapper)
-    configs[name] = config
-    _freeze_base(model, config.bias)
-    if not any(layer.active_adapters for _, layer in lora_layers(model)):
-        set_adapter(model, name)
-    return model
+    return finish_adding(model, config, name, config.bias)
 
 
 def _kept(rank_pattern: dict | None, path: str) -> list[bool] | None:
@@ -100,14 +86,7 @@ def adalora_tensors(model: nn.Module, name: str, prune: bool = False) -> dict[st
             mask = torch.tensor(keep, device=A.device)
             A, E, B = A[mask], E[mask], B[:, mask]
         tensors.update({peft_key(path, "lora_A"): A, peft_key(path, "lora_E"): E, peft_key(path, "lora_B"): B})
-    for path, module in model.named_modules():
-        if isinstance(module, ModulesToSave) and name in module.modules_to_save:
-            for param, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
-                tensors[peft_key(path, param)] = tensor
-    params = dict(model.named_parameters())
-    biases = saved_bias_names(params, {path for path, _ in layers}, config.bias)
-    tensors.update((key, params[param]) for param, key in biases.items())
-    return tensors
+    return {**tensors, **saved_extras(model, name, {path for path, _ in layers}, config.bias)}
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -117,15 +96,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 def peft_config_dict(model: nn.Module, name: str) -> dict:
     """The adapter_config.json content PEFT's AdaLoraConfig reads."""
-    config = adapter_configs(model)[name]
-    data = config.to_dict()
-    data.update(target_modules=saved_target_modules(model, name), peft_type="ADALORA", inference_mode=True,
-                revision=None)
-    # PEFT switches fan_in_fan_out on for Conv1D targets (GPT-2) and saves it so.
-    data["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in adalora_layers(model, name))
-    if data.get("base_model_name_or_path") is None:
-        data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
-    return data
+    return tuner_config_dict(model, name, "ADALORA", adalora_layers(model, name))
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:

@@ -159,11 +159,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
     handler = handler_for(config, adapter_configs(model))  # VeRA/AdaLoRA configs go to their own module
     if handler is not None:
         return handler.add_adapter(model, config, name)
-    if not isinstance(name, str) or not name or "." in name:
-        raise LorakitError(f"adapter name must be a non-empty string without '.', got {name!r}")
-    configs = adapter_configs(model)
-    if name in configs:
-        raise LorakitError(f"adapter {name!r} already exists on this model; delete_adapter() it first")
+    check_new_name(model, name)
     targets = resolve_targets(model, config)
     for target in targets:
         module = model.get_submodule(target)
@@ -172,16 +168,29 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
                   config.use_rslora, config.init_lora_weights, config.use_dora, config.loftq_config)
         if layer is not module:
             _set_submodule(model, target, layer)
+    return finish_adding(model, config, name, config.bias)
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    """Refuse an adapter name that is malformed or already on the model."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise LorakitError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in adapter_configs(model):
+        raise LorakitError(f"adapter {name!r} already exists on this model; delete_adapter() it first")
+
+
+def finish_adding(model: nn.Module, config, name: str, bias: str) -> nn.Module:
+    """What adding every adapter kind ends with: modules_to_save copies, the config kept, the base frozen."""
     for target in _modules_to_save_targets(model, config):
         module = model.get_submodule(target)
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         wrapper.add(name)
         if wrapper is not module:
             _set_submodule(model, target, wrapper)
-    configs[name] = config
-    _freeze_base(model, config.bias)
+    adapter_configs(model)[name] = config
+    _freeze_base(model, bias)
     if not any(layer.active_adapters for _, layer in lora_layers(model)):
-        set_adapter(model, name)
+        set_adapter(model, name)  # the first adapter added is the active one, as in PEFT
     return model
 
 

@@ -48,12 +48,31 @@ def adapter_tensors(model: nn.Module, name: str, bias: str) -> dict[str, torch.T
             tensors.update(zip(keys, _factors(module, name)))
             if name in getattr(module, "lora_magnitude_vector", {}):
                 tensors[peft_key(path, MAGNITUDE)] = module.lora_magnitude_vector[name].weight
-        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+    return {**tensors, **saved_extras(model, name, adapted, bias)}
+
+
+def saved_extras(model: nn.Module, name: str, adapted: set[str], bias: str) -> dict[str, torch.Tensor]:
+    """What every adapter kind saves beside its own tensors: modules_to_save copies and the carried base biases."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and name in module.modules_to_save:
             for param, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
                 tensors[peft_key(path, param)] = tensor
     params = dict(model.named_parameters())
     tensors.update((key, params[param]) for param, key in saved_bias_names(params, adapted, bias).items())
     return tensors
+
+
+def tuner_config_dict(model: nn.Module, name: str, peft_type: str, layers: list[tuple[str, nn.Module]]) -> dict:
+    """adapter_config.json for a VeRA or AdaLoRA adapter: its fields, resolved targets, PEFT's bookkeeping keys."""
+    data = _config(model, name).to_dict()
+    data.update(target_modules=saved_target_modules(model, name), peft_type=peft_type, inference_mode=True,
+                revision=None)
+    # PEFT switches fan_in_fan_out on for Conv1D targets (GPT-2) and saves it so.
+    data["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in layers)
+    if data.get("base_model_name_or_path") is None:
+        data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
+    return data
 
 
 def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,13 +18,12 @@ from torch import nn
 from lorakit.adapter_types import check_saved_tensors, handler_for
 from lorakit.errors import LorakitError, LorakitWarning
 from lorakit.inject import (
-    _freeze_base,
     _modules_to_save_targets,
     _set_submodule,
     adapter_configs,
-    lora_layers,
+    check_new_name,
+    finish_adding,
     resolve_targets,
-    set_adapter,
 )
 from lorakit.lora import LoraLayer, ModulesToSave, _adapter_dtype, _param_device, is_linear_like
 from lorakit.peft_format import (
@@ -32,7 +31,8 @@ from lorakit.peft_format import (
     WEIGHTS_NAME,
     check_base,
     read_adapter_tensors,
-    saved_target_modules,
+    saved_extras,
+    tuner_config_dict,
     write_adapter_folder,
 )
 from lorakit.peft_keys import peft_key, saved_bias_names
@@ -74,12 +74,8 @@ def _check_siblings(model: nn.Module, config: VeraConfig) -> None:
 
 def add_adapter(model: nn.Module, config: VeraConfig, name: str = "default") -> nn.Module:
     """Add VeRA adapter `name`: one seeded projection pair shared by the targeted layers; base frozen."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise LorakitError(f"adapter name must be a non-empty string without '.', got {name!r}")
-    configs = adapter_configs(model)
-    if name in configs:
-        raise LorakitError(f"adapter {name!r} already exists on this model; delete_adapter() it first")
-    handler_for(config, configs)
+    check_new_name(model, name)
+    handler_for(config, adapter_configs(model))
     _check_siblings(model, config)
     targets, max_in, max_out = _plan(model, config)
     first = model.get_submodule(targets[0])
@@ -97,17 +93,7 @@ def add_adapter(model: nn.Module, config: VeraConfig, name: str = "default") -> 
         layer.add(name, projections, config.vera_dropout, config.d_initial, config.init_weights)
         if layer is not module:
             _set_submodule(model, target, layer)
-    for target in _modules_to_save_targets(model, config):
-        module = model.get_submodule(target)
-        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-        wrapper.add(name)
-        if wrapper is not module:
-            _set_submodule(model, target, wrapper)
-    configs[name] = config
-    _freeze_base(model, _lora_bias(config.bias))
-    if not any(layer.active_adapters for _, layer in lora_layers(model)):
-        set_adapter(model, name)
-    return model
+    return finish_adding(model, config, name, _lora_bias(config.bias))
 
 
 def _vera_layers(model: nn.Module, name: str) -> list[tuple[str, VeraLinear]]:
@@ -125,14 +111,7 @@ def vera_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     if config.save_projection and layers:
         projections = layers[0][1].vera_projections[name]
         tensors.update(zip(PROJECTION_KEYS, (projections.vera_A, projections.vera_B)))
-    for path, module in model.named_modules():
-        if isinstance(module, ModulesToSave) and name in module.modules_to_save:
-            for param, tensor in module.modules_to_save[name].state_dict(keep_vars=True).items():
-                tensors[peft_key(path, param)] = tensor
-    params = dict(model.named_parameters())
-    biases = saved_bias_names(params, {path for path, _ in layers}, _lora_bias(config.bias))
-    tensors.update((key, params[param]) for param, key in biases.items())
-    return tensors
+    return {**tensors, **saved_extras(model, name, {path for path, _ in layers}, _lora_bias(config.bias))}
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -142,15 +121,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 def peft_config_dict(model: nn.Module, name: str) -> dict:
     """The adapter_config.json content PEFT's VeraConfig reads."""
-    config = adapter_configs(model)[name]
-    data = config.to_dict()
-    data.update(target_modules=saved_target_modules(model, name), peft_type="VERA", inference_mode=True,
-                revision=None)
-    # PEFT switches fan_in_fan_out on for Conv1D targets (GPT-2) and saves it so.
-    data["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in _vera_layers(model, name))
-    if data.get("base_model_name_or_path") is None:
-        data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
-    return data
+    return tuner_config_dict(model, name, "VERA", _vera_layers(model, name))
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:

@@ -24,7 +24,7 @@ from lorakit.train.trainer import train
 
 DEMO_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 DEMO_LR = 1e-3
-VERA_LR = 1e-2
+VERA_LR = 2e-2
 
 
 def demo_adapter(adapter: str, steps: int) -> dict[str, Any]:
