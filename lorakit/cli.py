@@ -74,13 +74,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"output_dir={args.out}")
     cfg = load_config(args.config, overrides)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from lorakit.train.distributed import launch
+
+        extra = [] if cfg.distributed != "none" else ["--set", "distributed=ddp"]
+        return launch(args.nproc, _without_nproc(args.argv) + extra)
     _quiet_transformers()
     results = train(cfg, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports the run
     diverged = results.get("diverged_at_step")
     warning = f" (DIVERGED at step {diverged}: the adapter is not usable)" if diverged else ""
     print(f"done: {results['steps']} steps, final loss {results['final_loss']:.4f}, "
           f"adapter in {results['adapter_dir']}{warning}")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line less its --nproc option, for the processes it starts."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            kept.append(item)
+    return kept
 
 
 def _parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
@@ -300,6 +320,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="train as N processes on this machine (torchrun; distributed: ddp unless set)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -454,11 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     with _one_line_warnings():
         try:
             args = build_parser().parse_args(argv)
+            args.argv = argv
             return args.func(args)
         except LorakitError as exc:
             if debug:
                 raise
-            print(f"lorakit: error: {exc}", file=sys.stderr)
+            if not (getattr(exc, "quiet_when_launched", False) and os.environ.get("LORAKIT_LAUNCHED")):
+                print(f"lorakit: error: {exc}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:
             print("lorakit: interrupted", file=sys.stderr)

@@ -19,6 +19,13 @@ class TrainingInterrupted(LorakitError):
     exit_code = 130
 
 
+class PeerStopped(TrainingStopped):
+    """Another process of a distributed run stopped: this one stops too (the launcher names the one that failed)."""
+
+    # Under `lorakit train --nproc`, the launcher's line names the process that failed first; the others stay quiet.
+    quiet_when_launched = True
+
+
 class UnknownAdapter(LorakitError):
     """A request or call named an adapter that is not registered (or is being removed)."""
 

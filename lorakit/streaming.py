@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.kernels import allocator
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -171,6 +172,9 @@ def stream_weights(model: nn.Module, files: list[SafetensorsFile], dtype: torch.
                         linear = model.get_submodule(owner)
                         if "weight" in parts[owner] and (linear.bias is None or "bias" in parts[owner]):
                             _replace(model, owner, builders.pop(owner), parts.pop(owner), dtype)
+                            # glibc keeps the holes the stored weight and the quantizer's temporaries leave between
+                            # packed layers, and they add up over a model (docs/memory.md): give them back per layer.
+                            allocator.release_freed_memory()
                         continue
                     module = model.get_submodule(owner)
                     if key in params:

@@ -68,3 +68,12 @@ def restore_default_allocator() -> bool:
     libc.malloc_trim(0)  # the new thresholds apply to later frees; what is held now goes back here
     _RETAINING[0] = False
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Return every free page glibc malloc holds, holes between live blocks too, to the kernel; False if not glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

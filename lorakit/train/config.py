@@ -15,6 +15,7 @@ from lorakit.config import LoraConfig
 from lorakit.constants import DEFAULT_MODEL, OPTIMIZERS, QUANT_TYPES
 from lorakit.errors import LorakitError
 from lorakit.kernels.attention import IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
+from lorakit.train.distributed import DISTRIBUTED_KINDS
 from lorakit.vera import VeraConfig
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -73,6 +74,8 @@ class TrainConfig:
     attn_implementation: str = "auto"
     fast_kernels: bool = True
     device: str = "auto"
+    distributed: str = "none"
+    distributed_timeout: int = 300
     eval_every: int = 50
     save_every: int = 50
     log_every: int = 1
@@ -87,6 +90,13 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("device", self.device, DEVICES)
+        _choice("distributed", self.distributed, DISTRIBUTED_KINDS)
+        if not _is_int(self.distributed_timeout) or self.distributed_timeout < 1:
+            raise LorakitError(f"distributed_timeout must be a number of seconds >= 1, "
+                               f"got {self.distributed_timeout!r}")
+        if self.distributed != "none" and self.adapter == "adalora":
+            raise LorakitError("distributed: ddp does not run adapter: adalora yet (its rank budget is per process); "
+                               "train AdaLoRA in one process, or use lora/vera")
         for name in FLOAT_FIELDS:
             setattr(self, name, _as_float(name, getattr(self, name)))
         for name in BOOL_FIELDS:
@@ -245,7 +255,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # Settings a resumed run may change: the schedule and the bookkeeping. Everything else shapes the adapter,
 # the data order or the optimizer state already saved in the checkpoint.
 RESUME_CHANGEABLE = ("learning_rate", "max_steps", "num_epochs", "warmup_ratio", "lr_scheduler", "max_grad_norm",
-                     "eval_every", "save_every", "log_every", "tensorboard", "fast_kernels", "device")
+                     "eval_every", "save_every", "log_every", "tensorboard", "fast_kernels", "device", "distributed",
+                     "distributed_timeout")
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:

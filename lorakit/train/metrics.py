@@ -48,6 +48,20 @@ class MetricsLog:
             self.writer.close()
 
 
+class SilentLog:
+    """MetricsLog's interface for the ranks that do not write the run folder (all but rank 0)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Nothing: rank 0 logs the same (all-reduced) records."""
+
+    def records(self) -> list[dict[str, Any]]:
+        """None kept."""
+        return []
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     """Write the loss curve (train and validation) as a PNG."""
     import matplotlib

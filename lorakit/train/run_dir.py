@@ -96,8 +96,9 @@ class RunFolder:
     folder and puts the old run back. A folder that only resumes is left alone by all three.
     """
 
-    def __init__(self, run_dir: Path, state: str, resume: bool) -> None:
+    def __init__(self, run_dir: Path, state: str, resume: bool, writes: bool = True) -> None:
         self.run_dir = run_dir
+        self.writes = writes  # False on every rank of a distributed run but rank 0: it only reads the folder
         self.fresh = not resume
         self.replacing = self.fresh and state not in (MISSING, EMPTY)
         self.existed = state != MISSING
@@ -105,6 +106,8 @@ class RunFolder:
 
     def begin(self) -> None:
         """Move a replaced run aside and create the folder (a resumed run's folder is used as it is)."""
+        if not self.writes:
+            return
         if self.replacing:
             self.backup = Path(tempfile.mkdtemp(dir=self.run_dir.parent, prefix=f".{self.run_dir.name}-replaced-"))
             os.replace(self.run_dir, self.backup / "run")
@@ -119,7 +122,7 @@ class RunFolder:
 
     def abort(self) -> None:
         """The new run failed before its first step: remove what it wrote and restore the run it replaced."""
-        if not self.fresh:
+        if not self.fresh or not self.writes:
             return
         shutil.rmtree(self.run_dir, ignore_errors=True)
         if self.existed and self.backup is None:

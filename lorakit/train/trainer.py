@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorakit.adalora_budget import orthogonal_regularization, update_and_allocate
-from lorakit.errors import LorakitError, TrainingInterrupted, TrainingStopped
+from lorakit.errors import LorakitError, PeerStopped, TrainingInterrupted, TrainingStopped
 from lorakit.fast_training import chunked_lm_loss, enable_fast_training
 from lorakit.files import write_text_atomic
 from lorakit.inject import add_adapter, trainable_parameters
@@ -31,7 +31,8 @@ from lorakit.peft_format import save_adapter
 from lorakit.train import data as data_mod
 from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lorakit.train.config import TrainConfig, resume_changes
-from lorakit.train.metrics import MetricsLog, plot_losses
+from lorakit.train.distributed import Dist, no_sync, peer_stopped, start, stop, stop_together, wrap
+from lorakit.train.metrics import MetricsLog, SilentLog, plot_losses
 from lorakit.train.run_dir import CONFIG_NAME, RESULTS_NAME, RunFolder, check_run_dir
 from lorakit.train.watch import DivergenceWatch, OverfitWatch
 
@@ -89,30 +90,38 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], chunked: bool,
-                         bf16: bool, regulariser: Callable[[nn.Module], torch.Tensor] | None = None) -> float:
+                         bf16: bool, regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
+                         dist: Dist | None = None) -> float:
     """Backward over one optimizer step's micro-batches; returns the step's loss (NaN/inf stops early).
 
     Each micro-batch's mean loss is weighted by its share of the step's labelled tokens, so the gradient
     equals that of one batch holding them all (a plain 1/accum weight would overweight short batches).
     A `regulariser` (AdaLoRA's orthogonality term) joins each micro-batch's loss, weighted alike, so the
     step counts it once; the returned loss is the task loss alone.
+    Over several processes (`dist`), the micro-batches are this rank's shares and the weights are shares of
+    every rank's labelled tokens, times the world size that DDP's gradient average divides by.
     """
+    dist = dist or Dist()
     counts = [labelled_tokens(batch) for batch in micro_batches]
-    total = sum(counts)
+    total = dist.sum(float(sum(counts)))
     step_loss = 0.0
-    for batch, count in zip(micro_batches, counts):
-        if count == 0:
+    for index, (batch, count) in enumerate(zip(micro_batches, counts)):
+        if count == 0 and not dist.active:
             continue
-        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = causal_lm_loss(model, batch, chunked)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return value
-        if regulariser is not None:
-            loss = loss + regulariser(model)
-        (loss * (count / total)).backward()
+        with no_sync(model, last=index == len(micro_batches) - 1):
+            with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = causal_lm_loss(model, batch, chunked)
+            if not count:  # a rank whose share has no labelled token still joins DDP's all-reduce, adding 0
+                loss = torch.nan_to_num(loss, nan=0.0) * 0.0
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                return value
+            if regulariser is not None:
+                loss = loss + regulariser(model)
+            (loss * (count / total * dist.world)).backward()
         step_loss += value * count / total
-    return step_loss
+    return dist.sum(step_loss)
+
 
 
 def evaluate_loss(model: nn.Module, dataset: list, cfg: TrainConfig, pad_id: int) -> float:
@@ -233,24 +242,31 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
     run_dir = Path(cfg.output_dir)
     if not cfg.train_file:
         raise LorakitError("train_file is not set: give a JSONL file (chat, Alpaca or text format)")
-    device = cfg.torch_device()
     if resume and cfg.adapter == "adalora":
         raise LorakitError("--resume is not available for adapter: adalora (the rank budget's sensitivity "
                            "scores are not checkpointed); start again with --overwrite")
-    folder_state = check_run_dir(run_dir, overwrite, resume)
-    changes = resume_changes(read_saved_config(run_dir), cfg, str(run_dir / CONFIG_NAME)) if resume else {}
-    model, tokenizer, train_set, val_set, data_stats = load_inputs(cfg, model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    folder = RunFolder(run_dir, folder_state, resume)
-    folder.begin()
+    dist = start(cfg.distributed, cfg.batch_size, cfg.distributed_timeout)
     try:
-        run = setup(cfg, folder, model.to(device), train_set, val_set, data_stats, pad_id, changes)
-        run_steps(run, progress)
-        return finish(run)
-    except BaseException:
-        folder.abort()  # a no-op once the run has completed a step
-        raise
+        with stop_together(dist, "loading the model and data"):
+            device = dist.device(cfg.torch_device())
+            folder_state = check_run_dir(run_dir, overwrite, resume)
+            changes = resume_changes(read_saved_config(run_dir), cfg, str(run_dir / CONFIG_NAME)) if resume else {}
+            model, tokenizer, train_set, val_set, data_stats = load_inputs(cfg, model, tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        folder = RunFolder(run_dir, folder_state, resume, writes=dist.main)
+        folder.begin()
+        try:
+            run = setup(cfg, folder, model.to(device), train_set, val_set, data_stats, pad_id, changes, dist)
+            run_steps(run, progress and dist.main)
+            return finish(run)
+        except BaseException as exc:
+            folder.abort()  # a no-op once the run has completed a step
+            if dist.active and peer_stopped(exc):
+                raise PeerStopped(f"process {dist.rank} of {dist.world} stopped: another process of the run "
+                                  f"failed or stopped answering ({str(exc).splitlines()[0][:120]})") from None
+            raise
+    finally:
+        stop(dist)
 
 
 @dataclass
@@ -282,6 +298,8 @@ class Run:
     save_due: bool = False
     step_rng: dict = field(default_factory=rng_state)
     epoch_orders: dict = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)
+    engine: nn.Module | None = None  # what the steps run: the model, or its DDP wrapper
 
     @property
     def device(self) -> torch.device:
@@ -300,7 +318,8 @@ class Run:
             self.epoch_orders.clear()
             lengths = [len(item["input_ids"]) for item in self.train_set]
             self.epoch_orders[epoch] = data_mod.batch_order(lengths, self.cfg.batch_size, seed=self.cfg.seed + epoch)
-        batch = data_mod.collate([self.train_set[i] for i in self.epoch_orders[epoch][position]], self.pad_id)
+        share = self.dist.share(self.epoch_orders[epoch][position])
+        batch = data_mod.collate([self.train_set[i] for i in share], self.pad_id)
         return {key: value.to(self.device) for key, value in batch.items()}
 
     def extra(self) -> dict[str, Any]:
@@ -309,7 +328,9 @@ class Run:
                 "resumes": self.resumes}
 
     def checkpoint(self, rng: dict | None = None) -> None:
-        """Save the checkpoint of the steps taken so far."""
+        """Save the checkpoint of the steps taken so far (rank 0 writes; every rank holds the same state)."""
+        if not self.dist.main:
+            return
         save_checkpoint(self.folder.run_dir, self.model, self.optimizer, self.scheduler, self.step, self.extra(),
                         rng=rng)
 
@@ -353,8 +374,9 @@ def make_schedule(cfg: TrainConfig, model: nn.Module, total_steps: int,
 
 
 def setup(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list, val_set: list, data_stats: dict,
-          pad_id: int, changes: dict) -> Run:
+          pad_id: int, changes: dict, dist: Dist | None = None) -> Run:
     """Adapter, optimizer, schedule and logs of a new or resumed run; writes config.yaml."""
+    dist = dist or Dist()
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * micro_per_epoch
                                                     / cfg.gradient_accumulation_steps))
@@ -364,12 +386,14 @@ def setup(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list
     resumes = list(state.get("resumes", []))
     if state["resumed"]:
         resumes.append({"step": step, "changed": changes})
-        if changes:
+        if changes and dist.main:
             tqdm.write(f"resumed at step {step}: {describe_changes(changes)}")
-    write_text_atomic(folder.run_dir / CONFIG_NAME, config_yaml(cfg, resumes))
+    log = MetricsLog(folder.run_dir, step, cfg.tensorboard) if dist.main else SilentLog()
+    if dist.main:
+        write_text_atomic(folder.run_dir / CONFIG_NAME, config_yaml(cfg, resumes))
     run = Run(cfg, folder, model, optimizer, scheduler, train_set, val_set, data_stats, pad_id, step, total_steps,
-              resumes, MetricsLog(folder.run_dir, step, cfg.tensorboard),
-              DivergenceWatch(vocab_size(model), start=state.get("loss_start")))
+              resumes, log, DivergenceWatch(vocab_size(model), start=state.get("loss_start")), dist=dist,
+              engine=wrap(model, dist))
     run.train_seconds = float(state.get("train_seconds", 0.0))
     run.last_loss = float(state.get("last_loss", float("nan")))
     return run
@@ -381,8 +405,8 @@ def train_step(run: Run) -> dict[str, Any]:
     batches = [run.micro_batch(run.step * cfg.gradient_accumulation_steps + micro)
                for micro in range(cfg.gradient_accumulation_steps)]
     adalora = cfg.adapter == "adalora"
-    step_loss = accumulate_gradients(run.model, batches, cfg.chunked_loss, cfg.bf16,
-                                     orthogonal_regularization if adalora else None)
+    step_loss = accumulate_gradients(run.engine or run.model, batches, cfg.chunked_loss, cfg.bf16,
+                                     orthogonal_regularization if adalora else None, run.dist)
     if not math.isfinite(step_loss):
         raise TrainingStopped(nonfinite_message(run.folder.run_dir, step_loss, run.step + 1, cfg.learning_rate,
                                                 kept=not run.folder.fresh))
@@ -391,7 +415,7 @@ def train_step(run: Run) -> dict[str, Any]:
         run.checkpoint(rng=run.step_rng)
         t0 += time.perf_counter() - saving_since  # the step's speed leaves the write out
         run.save_due = False
-    step_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    step_tokens = int(run.dist.sum(sum(int(batch["attention_mask"].sum()) for batch in batches)))
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for group in run.optimizer.param_groups for p in group["params"]],
                                        cfg.max_grad_norm)
@@ -415,7 +439,7 @@ def watch_step(run: Run, record: dict[str, Any]) -> None:
     diverged = run.divergence.update(run.step, run.last_loss)
     if diverged:
         record["warning"] = "diverged"
-        if run.divergence.diverged_at == run.step:
+        if run.divergence.diverged_at == run.step and run.dist.main:
             warn_line(diverged)
     if run.val_set and (run.step % run.cfg.eval_every == 0 or run.step == run.total_steps):
         run.val_loss = evaluate_loss(run.model, run.val_set, run.cfg, run.pad_id)
@@ -423,7 +447,8 @@ def watch_step(run: Run, record: dict[str, Any]) -> None:
         warning = run.watch.update(run.last_loss, run.val_loss)
         if warning:
             record["warning"] = "overfitting" if not diverged else "diverged, overfitting"
-            warn_line(warning)
+            if run.dist.main:
+                warn_line(warning)
 
 
 def run_steps(run: Run, progress: bool) -> None:
@@ -466,8 +491,20 @@ def run_steps(run: Run, progress: bool) -> None:
 
 
 def finish(run: Run) -> dict[str, Any]:
-    """Save the adapter, plot the loss, keep the final checkpoint and write results.json; returns the results."""
+    """Save the adapter, plot the loss, keep the final checkpoint and write results.json; returns the results.
+
+    Rank 0 writes; the other ranks return once it has, with the same results.
+    """
     run_dir = run.folder.run_dir
+    with stop_together(run.dist, "saving the adapter"):
+        if run.dist.main:
+            results = _finish_main(run, run_dir)
+    if not run.dist.main:
+        results = json.loads((run_dir / RESULTS_NAME).read_text())
+    return results
+
+
+def _finish_main(run: Run, run_dir: Path) -> dict[str, Any]:
     adapter_dir = save_adapter(run.model, run_dir / "adapter", name="default")
     plot_losses(run.log.records(), run_dir / "loss.png")
     trainable, total = trainable_parameters(run.model)

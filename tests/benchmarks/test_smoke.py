@@ -152,3 +152,16 @@ def test_routing_tiny_trains_routes_and_scores(tmp_path):
     assert sum(sum(row.values()) for row in confusion.values()) == result["rows"]["all"]["examples"] == 12
     right = sum(confusion[task][task] for task in confusion)
     assert right / 12 == pytest.approx(result["rows"]["all"]["routed_right"])
+
+
+def test_scaling_tiny_counts_the_adapter_gradients_and_agrees_on_the_loss(tmp_path):
+    """1 and 2 gloo processes run the same step; the bytes handed to the all-reduce are the adapter's gradients."""
+    out = run_benchmark("scaling.py", "--tiny", "--steps", "1", "--json", str(tmp_path / "s.json"))
+    assert "processes   step s  tokens/s" in out
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    one, two = rows["1"], rows["2"]
+    assert one[0]["bytes_sent"] == 0  # one process all-reduces nothing
+    # DDP hands every adapter gradient (fp32) to the all-reduce exactly once per step, on each process.
+    assert [f["bytes_sent"] for f in two] == [two[0]["trainable_bytes"]] * 2 == [131_072] * 2
+    assert sum(f["loss"] for f in two) / 2 == pytest.approx(one[0]["loss"], abs=2e-2)  # bf16 autocast rounding
+    assert all(f["peak_rss_bytes"] > 0 and f["step_s"] > 0 for f in one + two)

@@ -49,3 +49,27 @@ def test_steady_state_steps_stop_page_faulting():
     assert float(after) <= 0.01 * float(before)
     # Retaining, a 200 MB block comes from the heap; with glibc's defaults back, a new 400 MB one from mmap again.
     assert int(mmapped_retaining) < 200 * 2**20 and int(mmapped_restored) >= 400 * 2**20, out.stdout
+
+
+RELEASE_PROBE = """
+import torch
+from lorakit.kernels.allocator import release_freed_memory, retain_freed_memory
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+retain_freed_memory()  # every block from the heap, nothing trimmed at free: the holes a long load leaves
+blocks = [torch.ones(2**21) for _ in range(20)]  # 20 x 8 MiB, written
+del blocks[::2]  # every other one freed: ten 8 MiB holes between live blocks
+before = resident()
+released = release_freed_memory()
+print(released, before - resident())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+def test_release_returns_the_holes_between_live_blocks():
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, timeout=120, check=True)
+    released, returned_bytes = out.stdout.split()
+    assert released == "True"
+    assert int(returned_bytes) >= 9 * 8 * 2**20, out.stdout  # nearly all of the ten holes
