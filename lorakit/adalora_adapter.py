@@ -19,7 +19,6 @@ from lorakit.adalora import AdaLoraConfig, AdaLoraLinear, adalora_layers
 from lorakit.adapter_types import check_saved_tensors, handler_for
 from lorakit.errors import LorakitError, LorakitWarning
 from lorakit.inject import (
-    _modules_to_save_targets,
     _set_submodule,
     adapter_configs,
     check_new_name,
@@ -31,6 +30,8 @@ from lorakit.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_base,
+    copy_into,
+    modules_to_save_shapes,
     read_adapter_tensors,
     saved_extras,
     tuner_config_dict,
@@ -116,11 +117,7 @@ def expected_shapes(model: nn.Module, config: AdaLoraConfig) -> dict[str, tuple[
         shapes[peft_key(target, "lora_A")] = (rank, fan_in)
         shapes[peft_key(target, "lora_E")] = (rank, 1)
         shapes[peft_key(target, "lora_B")] = (fan_out, rank)
-    for path in _modules_to_save_targets(model, config):
-        module = model.get_submodule(path)
-        original = module.original_module if isinstance(module, ModulesToSave) else module
-        for param, tensor in original.state_dict().items():
-            shapes[peft_key(path, param)] = tuple(tensor.shape)
+    shapes.update(modules_to_save_shapes(model, config))
     params = dict(model.named_parameters())
     for param, key in saved_bias_names(params, set(targets), config.bias).items():
         shapes[key] = tuple(params[param].shape)
@@ -144,10 +141,7 @@ def load_adapter(model: nn.Module, folder: Path, config: AdaLoraConfig, name: st
         keep = _kept(config.rank_pattern, path)
         if keep is not None:
             layer.keep_ranks(name, torch.tensor(keep))
-    own = adalora_tensors(model, name)
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            own[key].copy_(tensor.to(device=own[key].device, dtype=own[key].dtype))
+    copy_into(adalora_tensors(model, name), tensors)
     if not is_trainable:
         for _, layer in adalora_layers(model, name):
             for table in (layer.lora_A, layer.lora_E, layer.lora_B):

@@ -96,14 +96,19 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, strict: bool = True, where: str = "LoraConfig") -> LoraConfig:
         """Build from a dict; unknown keys are an error (strict) or dropped with a warning (PEFT files)."""
-        known = {f.name for f in fields(cls)}
-        unknown = [k for k in values if k not in known]
-        if unknown and strict:
-            key = unknown[0]
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(known))}"
-            raise LorakitError(f"{where}: unknown option {key!r}{hint}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return config_from_mapping(cls, values, strict, where)
+
+
+def config_from_mapping(cls: type, values: dict[str, Any], strict: bool, where: str) -> Any:
+    """A config dataclass from a dict; an unknown key is an error naming the closest field (strict) or dropped."""
+    known = {f.name for f in fields(cls)}
+    unknown = [k for k in values if k not in known]
+    if unknown and strict:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(known))}"
+        raise LorakitError(f"{where}: unknown option {key!r}{hint}")
+    return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def _check_rank(name: str, value: Any) -> None:

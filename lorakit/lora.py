@@ -175,7 +175,9 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (PEFT's name)
-        self._dora_cache: dict = {}  # row norms keyed by the versions of what they depend on; never saved
+        # ("norm", name) and "weight_sq": row norms keyed by the versions of what they depend on; ("merged", name):
+        # the norm a merge divided by, for its unmerge. Never saved.
+        self._dora_cache: dict = {}
 
     def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
             init: bool | str = True, use_dora: bool = False, loftq_config: dict | None = None) -> None:
@@ -218,11 +220,11 @@ class LoraLinear(LoraLayer):
         """||W + s·B·A|| per output row of DoRA adapter `name` (fp32, detached; cached until A, B or W change)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         key = (_stamp(A), _stamp(B), self._base_stamp(), weight.dtype, self.scaling[name])
-        hit = self._dora_cache.get(name)
+        hit = self._dora_cache.get(("norm", name))
         if hit is None or hit[0] != key:
             weight_sq = self._weight_sq(weight) if weight.dtype in (torch.bfloat16, torch.float16) else None
             hit = (key, row_norm(weight, A, B, self.scaling[name], weight_sq))
-            self._dora_cache[name] = hit
+            self._dora_cache[("norm", name)] = hit
         return hit[1]
 
     def delete(self, name: str) -> None:
@@ -230,7 +232,8 @@ class LoraLinear(LoraLayer):
         super().delete(name)
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
-        self._dora_cache.pop(name, None)
+        self._dora_cache.pop(("norm", name), None)
+        self._dora_cache.pop(("merged", name), None)
 
     def _merge_one(self, name: str) -> None:
         if name not in self.lora_magnitude_vector:

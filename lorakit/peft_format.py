@@ -105,8 +105,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if handler is not None:
         return handler.save_adapter(model, path, name)
     config = _config(model, name)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     data = peft_config_dict(config, saved_target_modules(model, name))
     if any(getattr(m, "fan_in_fan_out", False) and name in m.scaling for m in model.modules()
            if isinstance(m, LoraLayer)):
@@ -114,13 +112,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         data["fan_in_fan_out"] = True
     if data.get("base_model_name_or_path") is None:
         data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or None
-    tensors = adapter_state_dict(model, name)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
-        Path(tmp, WEIGHTS_NAME).write_bytes(deterministic_safetensors(tensors, base_metadata(model)))
-        Path(tmp, CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
-        os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
-    return out
+    return write_adapter_folder(model, path, data, adapter_state_dict(model, name))
 
 
 def write_adapter_folder(model: nn.Module, path: str | os.PathLike, config_dict: dict,
@@ -237,12 +229,25 @@ def expected_adapter_shapes(model: nn.Module, config: LoraConfig) -> dict[str, t
         shapes.update(zip(keys, factor_shapes))
         if config.use_dora:
             shapes[peft_key(path, MAGNITUDE)] = (factor_shapes[1][0],)
+    return {**shapes, **modules_to_save_shapes(model, config)}
+
+
+def modules_to_save_shapes(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
+    """The saved keys and shapes of the modules_to_save copies an adapter with `config` carries (every kind)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in _modules_to_save_targets(model, config):
         module = model.get_submodule(path)
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for param, tensor in original.state_dict().items():
             shapes[peft_key(path, param)] = tuple(tensor.shape)
     return shapes
+
+
+def copy_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a file's checked tensors into the adapter's live ones of the same saved keys (device and dtype kept)."""
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            own[key].copy_(tensor.to(device=own[key].device, dtype=own[key].dtype))
 
 
 def _factor_shapes(base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -310,11 +315,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         else config
     add_adapter(model, fresh, name)
     adapter_configs(model)[name] = config
-    own = adapter_tensors(model, name, config.bias)
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            target = own[key]
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    copy_into(adapter_tensors(model, name, config.bias), tensors)
     if not is_trainable:
         for key, param in model.named_parameters():
             if f".{name}." in f"{key}." and any(p in key for p in ("lora_", "modules_to_save")):

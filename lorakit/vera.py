@@ -6,17 +6,16 @@ Field names, seeding and tensor names are PEFT's (peft/tuners/vera), so adapters
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import TARGET_SHORTHANDS
+from lorakit.config import TARGET_SHORTHANDS, config_from_mapping
 from lorakit.errors import LorakitError
 from lorakit.lora import LoraLayer, _adapter_dtype, _param_device, is_conv1d, is_linear_like
 
@@ -79,13 +78,7 @@ class VeraConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, strict: bool = True, where: str = "VeraConfig") -> VeraConfig:
         """Build from a dict; unknown keys are an error (strict) or dropped (PEFT files carry extra keys)."""
-        known = {f.name for f in fields(cls)}
-        unknown = [k for k in values if k not in known]
-        if unknown and strict:
-            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(known))}"
-            raise LorakitError(f"{where}: unknown option {unknown[0]!r}{hint}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return config_from_mapping(cls, values, strict, where)
 
 
 def _check_targets(target_modules: Any, modules_to_save: Any) -> None:

@@ -18,7 +18,6 @@ from torch import nn
 from lorakit.adapter_types import check_saved_tensors, handler_for
 from lorakit.errors import LorakitError, LorakitWarning
 from lorakit.inject import (
-    _modules_to_save_targets,
     _set_submodule,
     adapter_configs,
     check_new_name,
@@ -30,6 +29,8 @@ from lorakit.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_base,
+    copy_into,
+    modules_to_save_shapes,
     read_adapter_tensors,
     saved_extras,
     tuner_config_dict,
@@ -140,11 +141,7 @@ def expected_shapes(model: nn.Module, config: VeraConfig) -> dict[str, tuple[int
         shapes[peft_key(target, "vera_lambda_d")] = (config.r,)
     if config.save_projection:
         shapes.update(zip(PROJECTION_KEYS, ((config.r, max_in), (max_out, config.r))))
-    for path in _modules_to_save_targets(model, config):
-        module = model.get_submodule(path)
-        original = module.original_module if isinstance(module, ModulesToSave) else module
-        for param, tensor in original.state_dict().items():
-            shapes[peft_key(path, param)] = tuple(tensor.shape)
+    shapes.update(modules_to_save_shapes(model, config))
     params = dict(model.named_parameters())
     for param, key in saved_bias_names(params, set(targets), _lora_bias(config.bias)).items():
         shapes[key] = tuple(params[param].shape)
@@ -180,10 +177,7 @@ def load_adapter(model: nn.Module, folder: Path, config: VeraConfig, name: str =
     if mismatch:
         warnings.warn(mismatch, LorakitWarning, stacklevel=3)
     add_adapter(model, config, name)
-    own = vera_tensors(model, name)
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            own[key].copy_(tensor.to(device=own[key].device, dtype=own[key].dtype))
+    copy_into(vera_tensors(model, name), tensors)
     if not is_trainable:
         for _, layer in _vera_layers(model, name):
             layer.vera_lambda_b[name].requires_grad_(False)
