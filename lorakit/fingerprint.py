@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 EMBEDDING_ROWS = 64
+KEPT = "_lorakit_base_fingerprint"  # set before sharding (FSDP): a rank's parameters are then only pieces
 SKIPPED = ("lora_", "modules_to_save", "vera_", "magnitude", "ranknum")  # adapter tensors are not the base
 
 
@@ -30,6 +31,8 @@ def _bf16_bytes(tensor: torch.Tensor) -> bytes:
 
 def base_fingerprint(model: nn.Module) -> str | None:
     """16 hex digits identifying the base's weights (None when it has nothing to hash or is not loaded)."""
+    if KEPT in vars(model):
+        return vars(model)[KEPT]
     digest = hashlib.sha256()
     hashed = 0
     get_embeddings = getattr(model, "get_input_embeddings", None)
@@ -52,3 +55,8 @@ def base_fingerprint(model: nn.Module) -> str | None:
         digest.update(_bf16_bytes(vectors[name]))
         hashed += 1
     return digest.hexdigest()[:16] if hashed else None
+
+
+def keep_fingerprint(model: nn.Module) -> None:
+    """Remember the fingerprint of the whole weights, before sharding splits them over processes."""
+    vars(model)[KEPT] = base_fingerprint(model)

@@ -333,9 +333,11 @@ def _merged_base(layer: LoraLayer, requantize: bool) -> nn.Module:
 
 
 def _logical_numel(module: nn.Module, own: list[nn.Parameter]) -> int:
-    # A 4-bit layer stores two weights per byte; count the weights it represents, as PEFT does.
+    # A 4-bit layer stores two weights per byte; count the weights it represents, as PEFT does. Its codes
+    # may be a Parameter (held so for FSDP); they are the weights counted here, not parameters of their own.
     if is_quantized(module):
-        return module.in_features * module.out_features + sum(p.numel() for p in own)
+        codes = getattr(module, "packed", None)
+        return module.in_features * module.out_features + sum(p.numel() for p in own if p is not codes)
     return sum(p.numel() for p in own)
 
 

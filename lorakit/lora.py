@@ -175,8 +175,8 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (PEFT's name)
-        # ("norm", name) and "weight_sq": row norms keyed by the versions of what they depend on; ("merged", name):
-        # the norm a merge divided by, for its unmerge. Never saved.
+        # ("norm", name): the last no-grad row norm with copies of the A and B it came from; "weight_sq": ||W||²
+        # per row keyed by W's version; ("merged", name): the norm a merge divided by, for its unmerge. Never saved.
         self._dora_cache: dict = {}
 
     def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -217,15 +217,22 @@ class LoraLinear(LoraLayer):
         return hit[1]
 
     def dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """||W + s·B·A|| per output row of DoRA adapter `name` (fp32, detached; cached until A, B or W change)."""
+        """||W + s·B·A|| per output row of DoRA adapter `name` (fp32, detached).
+
+        Computed afresh whenever gradients are on (training moves A and B every step). Under no_grad (eval,
+        generation) it is reused while A and B hold the same values: compared, not trusted by version,
+        since fused optimizers and FSDP's gathers change values without bumping tensor versions.
+        """
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        key = (_stamp(A), _stamp(B), self._base_stamp(), weight.dtype, self.scaling[name])
+        weight_sq = self._weight_sq(weight) if weight.dtype in (torch.bfloat16, torch.float16) else None
+        if torch.is_grad_enabled():
+            return row_norm(weight, A, B, self.scaling[name], weight_sq)
+        key = (self._base_stamp(), weight.dtype, self.scaling[name])
         hit = self._dora_cache.get(("norm", name))
-        if hit is None or hit[0] != key:
-            weight_sq = self._weight_sq(weight) if weight.dtype in (torch.bfloat16, torch.float16) else None
-            hit = (key, row_norm(weight, A, B, self.scaling[name], weight_sq))
+        if hit is None or hit[0] != key or not torch.equal(hit[1], A) or not torch.equal(hit[2], B):
+            hit = (key, A.detach().clone(), B.detach().clone(), row_norm(weight, A, B, self.scaling[name], weight_sq))
             self._dora_cache[("norm", name)] = hit
-        return hit[1]
+        return hit[3]
 
     def delete(self, name: str) -> None:
         """Remove one adapter's weights from this layer (unmerging it first)."""

@@ -305,3 +305,27 @@ def test_cli_merge_and_inspect_a_dora_adapter_and_the_engine_refuses_it(tmp_path
     assert "peft_type LORA (DoRA)" in capsys.readouterr().out
     with pytest.raises(lk.LorakitError, match="DoRA adapter.*merge it into the base"):
         read_adapter("d", tmp_path / "dora", {}, 16)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_steps_equal_peft_with_any_adamw(fused):
+    """Three AdamW steps (fused ones leave tensor versions alone): losses and weights stay PEFT's, and a
+    no-grad forward after the steps uses the moved A and B, not a norm kept from before."""
+    config = dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, use_dora=True)
+    torch.manual_seed(7)
+    ours = lk.add_adapter(tiny_llama(), lk.LoraConfig(**config))
+    torch.manual_seed(7)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    _logits(ours)  # fills the no-grad norm cache before any step
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=fused)
+                  for m in (ours, theirs)]
+    for _ in range(3):
+        losses = []
+        for model, optimizer in zip((ours, theirs), optimizers):
+            loss = model(TOKENS, labels=TOKENS).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-4, rtol=0)

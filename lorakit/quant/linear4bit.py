@@ -220,16 +220,39 @@ class Linear4bit(nn.Module):
 
     def quantized_nbytes(self) -> int:
         """Bytes held by the quantized weight: packed codes, absmax and all quantization constants."""
-        return sum(buf.numel() * buf.element_size() for buf in self.buffers(recurse=False))
+        tensors = [*self.buffers(recurse=False), *([self.packed] if "packed" in self._parameters else [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def store_packed_as(self, dtype: torch.dtype) -> None:
+        """Hold the packed codes as a frozen Parameter viewed as `dtype` (bitsandbytes' quant_storage).
+
+        FSDP shards floating-point parameters only; the bytes stay as they are, so dequantization (which
+        reads them as bytes) is unchanged. Whatever gathers the parameter must not cast it: see
+        train/distributed.py, which refuses a mixed-precision param_dtype other than `dtype`.
+        """
+        data = self.packed.detach().reshape(-1)
+        data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+        size = torch.empty((), dtype=dtype).element_size()
+        if not dtype.is_floating_point or data.numel() % size:
+            raise LorakitError(f"Linear4bit {self.out_features}x{self.in_features}: its {data.numel()} packed bytes "
+                               f"cannot be stored as {dtype} (a floating dtype whose size divides them is needed)")
+        self._buffers.pop("packed", None)
+        self._parameters.pop("packed", None)
+        self.packed = nn.Parameter(data.view(dtype).reshape(-1, 1), requires_grad=False)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype)/.half() cast every float buffer, which would silently round absmax and the
         # code tables; keep their dtypes (only the device follows) so the numerics stay bitsandbytes'.
+        # The packed codes held as a float Parameter (store_packed_as) are bytes, and are kept alike.
         before = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        packed = self._parameters.get("packed")
+        packed = None if packed is None else packed.data  # _apply swaps the Parameter's data, not the object
         super()._apply(fn, recurse)
         for name, buf in before.items():
             if self._buffers[name].dtype != buf.dtype:
                 self._buffers[name] = buf.to(device=self._buffers[name].device)
+        if packed is not None and self.packed.dtype != packed.dtype:
+            self.packed = nn.Parameter(packed.to(device=self.packed.device), requires_grad=False)
         return self
 
     def extra_repr(self) -> str:

@@ -31,17 +31,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer_state: dict[str, Any], scheduler: Any,
                     step: int, extra: dict[str, Any], rng: dict[str, Any] | None = None) -> Path:
     """Write run_dir/checkpoint atomically: a temp folder is filled, then swapped in by rename.
 
+    `optimizer_state` is the optimizer's state dict with whole tensors (gathered first when sharded).
     `rng` is the RNG state as of the end of `step` (default: now), for a caller that saves a step late.
     """
     final = run_dir / CHECKPOINT_DIR
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".checkpoint-tmp-"))
     try:
         save_adapter(model, tmp / "adapter", name="default")
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+        state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": step,
                  "rng": rng if rng is not None else rng_state(), **extra}
         torch.save(state, tmp / STATE_NAME)
         old = run_dir / ".checkpoint-old"

@@ -22,7 +22,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 QUANTIZE_CHOICES = (*QUANT_TYPES, None)  # None: a float base
 FLOAT_FIELDS = ("val_fraction", "num_epochs", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm")
 BOOL_FIELDS = ("packing", "train_on_prompt", "gradient_checkpointing", "bf16", "chunked_loss", "fast_kernels",
-               "tensorboard")
+               "tensorboard", "fsdp_cpu_offload")
 DEVICES = ("auto", "cpu", "cuda")
 # `adapter:` picks the kind; its settings are the mapping of the same name (PEFT's config fields).
 ADAPTER_CONFIGS = {"lora": LoraConfig, "vera": VeraConfig, "adalora": AdaLoraConfig}
@@ -76,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     distributed: str = "none"
     distributed_timeout: int = 300
+    fsdp_cpu_offload: bool = False  # distributed: fsdp keeps each rank's shards in CPU memory between uses
     eval_every: int = 50
     save_every: int = 50
     log_every: int = 1
@@ -94,9 +95,12 @@ class TrainConfig:
         if not _is_int(self.distributed_timeout) or self.distributed_timeout < 1:
             raise LorakitError(f"distributed_timeout must be a number of seconds >= 1, "
                                f"got {self.distributed_timeout!r}")
-        if self.distributed != "none" and self.adapter == "adalora":
-            raise LorakitError("distributed: ddp does not run adapter: adalora yet (its rank budget is per process); "
-                               "train AdaLoRA in one process, or use lora/vera")
+        if self.distributed == "fsdp" and self.adapter == "adalora":
+            raise LorakitError("distributed: fsdp does not run adapter: adalora (its rank budget reads whole "
+                               "gradients, which FSDP shards); use distributed: ddp")
+        if self.distributed == "fsdp" and self.optimizer != "adamw":
+            raise LorakitError(f"distributed: fsdp runs optimizer: adamw only (the 8-bit state is not sharded; an "
+                               f"adapter's optimizer state is small anyway); got optimizer: {self.optimizer}")
         for name in FLOAT_FIELDS:
             setattr(self, name, _as_float(name, getattr(self, name)))
         for name in BOOL_FIELDS:
@@ -256,7 +260,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # the data order or the optimizer state already saved in the checkpoint.
 RESUME_CHANGEABLE = ("learning_rate", "max_steps", "num_epochs", "warmup_ratio", "lr_scheduler", "max_grad_norm",
                      "eval_every", "save_every", "log_every", "tensorboard", "fast_kernels", "device", "distributed",
-                     "distributed_timeout")
+                     "distributed_timeout", "fsdp_cpu_offload")
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:

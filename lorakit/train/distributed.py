@@ -1,4 +1,4 @@
-"""Training over several processes with torch.distributed, as `torchrun` starts them (`distributed: ddp`).
+"""Training over several processes with torch.distributed, as `torchrun` starts them (`distributed: ddp|fsdp`).
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `start` joins the process group
 (gloo on the CPU, nccl on CUDA) with a timeout, so a rank that dies cannot leave the others waiting forever.
@@ -8,11 +8,19 @@ every micro-batch the one-process run would build. Each rank's mean loss is weig
 the step's labelled tokens over all ranks, times the world size because DDP averages gradients. The
 gradient then equals the one-process run's, whatever the number of processes. The data position is the
 micro-batch counter alone, so a checkpoint resumes under any number of processes.
+
+`fsdp` shards the model with FSDP2's `fully_shard`, one group per decoder layer and one for the rest, so
+each rank holds 1/N of the base (4-bit codes included) and gathers a layer only while it runs. The 4-bit
+codes become frozen Parameters viewed in a float storage dtype (FSDP shards floating tensors only); the
+mixed-precision policy never casts them, since a cast of those bytes would train on garbage. Gradients are
+reduce-scattered as DDP's are averaged, so the loss weights above hold unchanged. Checkpoints hold whole
+tensors (gathered for rank 0 to write), so a run resumes under any number of processes and either kind.
 """
 
 from __future__ import annotations
 
 import os
+import types
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,7 +31,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 
-DISTRIBUTED_KINDS = ("none", "ddp")
+DISTRIBUTED_KINDS = ("none", "ddp", "fsdp")
 LAUNCHED = "LORAKIT_LAUNCHED"  # set for the processes `launch` starts: their launcher reports a failure
 
 
@@ -97,7 +105,7 @@ def start(kind: str, batch_size: int, timeout_s: float) -> Dist:
         return Dist(kind=kind)
     if kind == "none":
         raise LorakitError(f"started by torchrun with {world} processes but distributed is none; "
-                           "set distributed: ddp (or run one process)")
+                           "set distributed: ddp or fsdp (or run one process)")
     if batch_size % world:
         raise LorakitError(f"batch_size {batch_size} does not split over {world} processes; make it a multiple "
                            f"of {world} (it is the global micro-batch)")
@@ -113,10 +121,13 @@ def stop(dist: Dist) -> None:
         torch.distributed.destroy_process_group()
 
 
-def wrap(model: nn.Module, dist: Dist) -> nn.Module:
-    """The module the steps run: DDP over the trainable (adapter) parameters, or the model itself."""
+def wrap(model: nn.Module, dist: Dist, cpu_offload: bool = False) -> nn.Module:
+    """The module the steps run: DDP over the trainable (adapter) parameters, the FSDP2-sharded model, or the
+    model itself."""
     if not dist.active:
         return model
+    if dist.kind == "fsdp":
+        return shard(model, dist, cpu_offload=cpu_offload)
     from torch.nn.parallel import DistributedDataParallel
 
     # Only trainable parameters are registered for all-reduce: the frozen (or 4-bit) base is never sent.
@@ -127,8 +138,131 @@ def wrap(model: nn.Module, dist: Dist) -> nn.Module:
                                    forward_sync_buffers=False)
 
 
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype the 4-bit codes are stored in for sharding: the 4-bit layers' compute dtype.
+
+    It is the dtype FSDP gathers the other frozen weights in too, as bitsandbytes' quant_storage=torch_dtype.
+    """
+    dtypes = {module.compute_dtype for module in model.modules() if is_4bit(module)}
+    if len(dtypes) > 1:
+        raise LorakitError(f"the 4-bit layers compute in several dtypes {sorted(map(str, dtypes))}; "
+                           "load the model with one compute dtype to shard it")
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """lorakit's 4-bit linear layer (its codes are what sharding must not cast)."""
+    from lorakit.quant.linear4bit import Linear4bit
+
+    return isinstance(module, Linear4bit)
+
+
+def check_policy(model: nn.Module, param_dtype: torch.dtype | None) -> None:
+    """Refuse a mixed-precision param_dtype that would cast the stored 4-bit codes (and so corrupt them)."""
+    for name, module in model.named_modules():
+        if is_4bit(module) and param_dtype is not None and module.packed.dtype != param_dtype:
+            raise LorakitError(f"{name}: FSDP would cast its 4-bit codes stored as {module.packed.dtype} to "
+                               f"{param_dtype}, which corrupts them; use param_dtype {module.packed.dtype} or none")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: transformers' _no_split_modules, else a `layers`/`h` list."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if layers:
+        return layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h"):
+            return list(module)
+    raise LorakitError(f"{type(model).__name__}: no decoder layers found to shard; use distributed: ddp")
+
+
+def shard(model: nn.Module, dist: Dist, cpu_offload: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 over the model: each decoder layer a group, the root (embeddings, norm, head) the last.
+
+    No parameter is cast when gathered (param_dtype None): autocast computes in bf16 where the run does, and
+    adapter gradients are reduced in fp32. A param_dtype, if given, must equal the 4-bit storage dtype.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    from lorakit.fast_training import chunked_lm_loss
+    from lorakit.fingerprint import keep_fingerprint
+
+    keep_fingerprint(model)
+    storage = storage_dtype(model)
+    for module in model.modules():
+        if is_4bit(module):
+            module.store_packed_as(storage)
+    check_policy(model, param_dtype)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    mesh = init_device_mesh(device.type, (dist.world,))
+    options = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+               "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    # The chunked loss runs the backbone and the head's weight without the root's forward: as a method
+    # registered with FSDP, it gathers the root's weights (embeddings, norm, head) as forward does.
+    model.sharded_chunked_loss = types.MethodType(chunked_lm_loss, model)
+    register_fsdp_forward_method(model, "sharded_chunked_loss")
+    return model
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, dist: Dist) -> Any:
+    """Every rank enters; inside, the trainable parameters are whole tensors, and it yields the optimizer's
+    state dict with whole tensors, for rank 0 to save (a no-op unless sharded)."""
+    if dist.kind != "fsdp" or not dist.active:
+        return nullcontext(optimizer.state_dict())
+    return _gathered(model, optimizer)
+
+
+@contextmanager
+def _gathered(model: nn.Module, optimizer: torch.optim.Optimizer):
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, DTensor) and param.requires_grad:
+                module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=True)
+                swapped.append((module, name, param))
+    state = optimizer.state_dict()
+    state["state"] = {index: {key: value.full_tensor() if isinstance(value, DTensor) else value
+                              for key, value in sorted(entry.items())}
+                      for index, entry in sorted(state["state"].items())}
+    try:
+        yield state
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a checkpoint's whole-tensor optimizer state: shard each tensor as its parameter is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not isinstance(param, DTensor):
+                continue
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+                    optimizer.state[param][key] = distribute_tensor(value, param.device_mesh, param.placements)
+
+
 def no_sync(module: nn.Module, last: bool) -> Any:
-    """DDP's no_sync for every micro-batch but a step's last: one all-reduce per optimizer step."""
+    """No gradient reduction for every micro-batch but a step's last: one all-reduce (DDP) or reduce-scatter
+    (FSDP) per optimizer step."""
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: a switch rather than a context
+        module.set_requires_gradient_sync(last)
+        return nullcontext()
     if last or not hasattr(module, "no_sync"):
         return nullcontext()
     return module.no_sync()

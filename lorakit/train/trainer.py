@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,17 @@ from lorakit.peft_format import save_adapter
 from lorakit.train import data as data_mod
 from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lorakit.train.config import TrainConfig, resume_changes
-from lorakit.train.distributed import Dist, no_sync, peer_stopped, start, stop, stop_together, wrap
+from lorakit.train.distributed import (
+    Dist,
+    full_state,
+    no_sync,
+    peer_stopped,
+    shard_optimizer_state,
+    start,
+    stop,
+    stop_together,
+    wrap,
+)
 from lorakit.train.metrics import MetricsLog, SilentLog, plot_losses
 from lorakit.train.run_dir import CONFIG_NAME, RESULTS_NAME, RunFolder, check_run_dir
 from lorakit.train.watch import DivergenceWatch, OverfitWatch
@@ -56,7 +67,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bo
     # use_cache=False: load_model leaves the KV cache on for generation; a training forward would
     # otherwise keep every layer's k and v alive until the loss.
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    result = chunked_lm_loss(model, batch["labels"], **inputs) if chunked else None
+    sharded = getattr(model, "sharded_chunked_loss", None)  # FSDP's gathering form (train/distributed.py)
+    result = (sharded or partial(chunked_lm_loss, model))(batch["labels"], **inputs) if chunked else None
     return result[0] if result is not None else model(**inputs, labels=batch["labels"]).loss
 
 
@@ -90,7 +102,7 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], chunked: bool,
-                         bf16: bool, regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
+                         bf16: bool, regulariser: Callable[[], torch.Tensor] | None = None,
                          dist: Dist | None = None) -> float:
     """Backward over one optimizer step's micro-batches; returns the step's loss (NaN/inf stops early).
 
@@ -117,7 +129,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
             if not math.isfinite(value):
                 return value
             if regulariser is not None:
-                loss = loss + regulariser(model)
+                loss = loss + regulariser()
             (loss * (count / total * dist.world)).backward()
         step_loss += value * count / total
     return dist.sum(step_loss)
@@ -299,7 +311,7 @@ class Run:
     step_rng: dict = field(default_factory=rng_state)
     epoch_orders: dict = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)
-    engine: nn.Module | None = None  # what the steps run: the model, or its DDP wrapper
+    engine: nn.Module | None = None  # what the steps run: the model, or its DDP wrapper (FSDP shards the model)
 
     @property
     def device(self) -> torch.device:
@@ -328,11 +340,16 @@ class Run:
                 "resumes": self.resumes}
 
     def checkpoint(self, rng: dict | None = None) -> None:
-        """Save the checkpoint of the steps taken so far (rank 0 writes; every rank holds the same state)."""
-        if not self.dist.main:
-            return
-        save_checkpoint(self.folder.run_dir, self.model, self.optimizer, self.scheduler, self.step, self.extra(),
-                        rng=rng)
+        """Save the checkpoint of the steps taken so far (every rank calls: sharded state is gathered; rank 0
+        writes)."""
+        with full_state(self.model, self.optimizer, self.dist) as optimizer_state:
+            self.save(optimizer_state, rng)
+
+    def save(self, optimizer_state: dict[str, Any], rng: dict | None = None) -> None:
+        """Rank 0 writes the checkpoint, given the optimizer state with whole tensors."""
+        if self.dist.main:
+            save_checkpoint(self.folder.run_dir, self.model, optimizer_state, self.scheduler, self.step,
+                            self.extra(), rng=rng)
 
 
 def prepare_model(cfg: TrainConfig, folder: RunFolder, model: nn.Module, total_steps: int) -> dict[str, Any]:
@@ -355,7 +372,10 @@ def prepare_model(cfg: TrainConfig, folder: RunFolder, model: nn.Module, total_s
 
 def make_schedule(cfg: TrainConfig, model: nn.Module, total_steps: int,
                   state: dict[str, Any]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer and learning-rate schedule, restored from the checkpoint's state when resuming."""
+    """The optimizer and learning-rate schedule, restored from the checkpoint's state when resuming.
+
+    `model` is already wrapped: FSDP replaces the parameters the optimizer must hold by sharded ones.
+    """
     from lorakit.optim import make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -364,6 +384,7 @@ def make_schedule(cfg: TrainConfig, model: nn.Module, total_steps: int,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.lr_scheduler))
     if state["resumed"]:
         optimizer.load_state_dict(state["optimizer"])
+        shard_optimizer_state(optimizer)  # checkpoints hold whole tensors; a sharded parameter wants its shard
         scheduler.load_state_dict(state["scheduler"])
         # The config's peak lr wins over the checkpoint's, so "lower learning_rate and --resume" works.
         scheduler.base_lrs = [cfg.learning_rate for _ in optimizer.param_groups]
@@ -381,6 +402,7 @@ def setup(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * micro_per_epoch
                                                     / cfg.gradient_accumulation_steps))
     state = prepare_model(cfg, folder, model, total_steps)
+    engine = wrap(model, dist, cpu_offload=cfg.fsdp_cpu_offload)
     optimizer, scheduler = make_schedule(cfg, model, total_steps, state)
     step = int(state["step"])
     resumes = list(state.get("resumes", []))
@@ -393,7 +415,7 @@ def setup(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list
         write_text_atomic(folder.run_dir / CONFIG_NAME, config_yaml(cfg, resumes))
     run = Run(cfg, folder, model, optimizer, scheduler, train_set, val_set, data_stats, pad_id, step, total_steps,
               resumes, log, DivergenceWatch(vocab_size(model), start=state.get("loss_start")), dist=dist,
-              engine=wrap(model, dist))
+              engine=engine)
     run.train_seconds = float(state.get("train_seconds", 0.0))
     run.last_loss = float(state.get("last_loss", float("nan")))
     return run
@@ -406,7 +428,7 @@ def train_step(run: Run) -> dict[str, Any]:
                for micro in range(cfg.gradient_accumulation_steps)]
     adalora = cfg.adapter == "adalora"
     step_loss = accumulate_gradients(run.engine or run.model, batches, cfg.chunked_loss, cfg.bf16,
-                                     orthogonal_regularization if adalora else None, run.dist)
+                                     partial(orthogonal_regularization, run.model) if adalora else None, run.dist)
     if not math.isfinite(step_loss):
         raise TrainingStopped(nonfinite_message(run.folder.run_dir, step_loss, run.step + 1, cfg.learning_rate,
                                                 kept=not run.folder.fresh))
@@ -497,14 +519,15 @@ def finish(run: Run) -> dict[str, Any]:
     """
     run_dir = run.folder.run_dir
     with stop_together(run.dist, "saving the adapter"):
-        if run.dist.main:
-            results = _finish_main(run, run_dir)
+        with full_state(run.model, run.optimizer, run.dist) as optimizer_state:
+            if run.dist.main:
+                results = _finish_main(run, run_dir, optimizer_state)
     if not run.dist.main:
         results = json.loads((run_dir / RESULTS_NAME).read_text())
     return results
 
 
-def _finish_main(run: Run, run_dir: Path) -> dict[str, Any]:
+def _finish_main(run: Run, run_dir: Path, optimizer_state: dict[str, Any]) -> dict[str, Any]:
     adapter_dir = save_adapter(run.model, run_dir / "adapter", name="default")
     plot_losses(run.log.records(), run_dir / "loss.png")
     trainable, total = trainable_parameters(run.model)
@@ -518,6 +541,6 @@ def _finish_main(run: Run, run_dir: Path) -> dict[str, Any]:
         "resumes": run.resumes,
     }
     # The final checkpoint stays, so a finished run can be extended (raise max_steps, --resume).
-    run.checkpoint()
+    run.save(optimizer_state)
     _write_json(run_dir / RESULTS_NAME, results)
     return results

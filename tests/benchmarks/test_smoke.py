@@ -155,13 +155,22 @@ def test_routing_tiny_trains_routes_and_scores(tmp_path):
 
 
 def test_scaling_tiny_counts_the_adapter_gradients_and_agrees_on_the_loss(tmp_path):
-    """1 and 2 gloo processes run the same step; the bytes handed to the all-reduce are the adapter's gradients."""
+    """1 process, 2 with DDP, 2 with FSDP2 run the same step: DDP hands the adapter's gradients to the
+    all-reduce; FSDP holds about half the model per process and moves the base's shards instead."""
     out = run_benchmark("scaling.py", "--tiny", "--steps", "1", "--json", str(tmp_path / "s.json"))
-    assert "processes   step s  tokens/s" in out
+    assert " kind procs  step s  tokens/s" in out
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
-    one, two = rows["1"], rows["2"]
-    assert one[0]["bytes_sent"] == 0  # one process all-reduces nothing
+    one, ddp, fsdp = rows["none-1"], rows["ddp-2"], rows["fsdp-2"]
+    assert one[0]["bytes_handed"] == 0  # one process all-reduces nothing
     # DDP hands every adapter gradient (fp32) to the all-reduce exactly once per step, on each process.
-    assert [f["bytes_sent"] for f in two] == [two[0]["trainable_bytes"]] * 2 == [131_072] * 2
-    assert sum(f["loss"] for f in two) / 2 == pytest.approx(one[0]["loss"], abs=2e-2)  # bf16 autocast rounding
-    assert all(f["peak_rss_bytes"] > 0 and f["step_s"] > 0 for f in one + two)
+    assert [f["bytes_handed"] for f in ddp] == [ddp[0]["trainable_bytes"]] * 2 == [131_072] * 2
+    assert [f["bytes_wire"] for f in ddp] == [131_072] * 2  # 2(p-1)/p of it, p = 2
+    # FSDP: the whole model gathered in the forward, the layers again in the backward, the adapter's
+    # gradients reduce-scattered; each process keeps its half of the sharded tensors.
+    assert all(f["bytes_handed"] > one[0]["held_bytes"] + ddp[0]["trainable_bytes"] for f in fsdp)
+    assert all(f["bytes_wire"] * 2 == pytest.approx(f["bytes_handed"], rel=1e-6) for f in fsdp)
+    assert all(f["held_bytes"] < 0.6 * one[0]["held_bytes"] for f in fsdp)
+    assert [f["held_bytes"] for f in ddp] == [one[0]["held_bytes"]] * 2
+    for figures in (ddp, fsdp):
+        assert sum(f["loss"] for f in figures) / 2 == pytest.approx(one[0]["loss"], abs=2e-2)  # bf16 rounding
+    assert all(f["peak_rss_bytes"] > 0 and f["step_s"] > 0 for f in one + ddp + fsdp)

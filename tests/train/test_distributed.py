@@ -50,36 +50,72 @@ def _adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_two_processes_train_what_one_process_trains(tiny, quantize):
-    """DDP over 2 processes, same global batch: per-step losses within 1e-5, the saved adapters within 1e-6."""
-    one = _train(_config(tiny, f"one-{quantize}", quantize=quantize))
-    two = _train(_config(tiny, f"two-{quantize}", quantize=quantize), "--nproc", "2")
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+REFERENCES: dict = {}  # the one-process runs, shared by the DDP and FSDP cases with the same settings
+
+# (kind, quantize, settings, adapter tolerance). LoRA and QLoRA: the issue's 1e-6. DoRA's magnitudes and
+# factors come out 1.1e-6 apart after 4 AdamW steps (its gradients sum in another order over the ranks, and
+# Adam divides by their root mean square), so its adapter is held to 1e-5; its losses to the same 1e-5.
+CASES = [("ddp", None, {}, 1e-6), ("ddp", "nf4", {}, 1e-6), ("fsdp", None, {}, 1e-6),
+         ("fsdp", "nf4", {"gradient_accumulation_steps": 2, "gradient_checkpointing": True}, 1e-6),
+         ("fsdp", "nf4", {"lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "use_dora": True}},
+          1e-5),
+         ("ddp", None, {"adapter": "adalora", "adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2,
+                                                          "deltaT": 1, "lora_alpha": 8,
+                                                          "target_modules": "all-linear"}}, 1e-6)]
+
+
+def _one_process(tiny, quantize, extra) -> str:
+    name = f"one-{quantize}-{len(REFERENCES)}"
+    key = (quantize, repr(sorted(extra.items())))
+    if key not in REFERENCES:
+        result = _train(_config(tiny, name, quantize=quantize, **extra))
+        assert result.returncode == 0, result.stderr[-2000:]
+        REFERENCES[key] = name
+    return REFERENCES[key]
+
+
+@pytest.mark.parametrize("kind,quantize,extra,tolerance", CASES, ids=["ddp", "ddp-nf4", "fsdp", "fsdp-nf4-accum-ckpt",
+                                                                       "fsdp-nf4-dora", "ddp-adalora"])
+def test_two_processes_train_what_one_process_trains(tiny, kind, quantize, extra, tolerance):
+    """2 processes, same global batch: per-step losses within 1e-5, the saved adapters within 1e-6 (DoRA 1e-5)."""
+    one = _one_process(tiny, quantize, extra)
+    name = f"two-{kind}-{quantize}-{len(extra)}-{'lora' in extra}-{'adalora' in extra}"
+    two = _train(_config(tiny, name, quantize=quantize, distributed=kind, **extra), "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
-    reference, split = _losses(tiny["root"] / f"one-{quantize}"), _losses(tiny["root"] / f"two-{quantize}")
+    reference, split = _losses(tiny["root"] / one), _losses(tiny["root"] / name)
     assert list(split) == [1, 2, 3, 4] and reference[4] < reference[1]  # it trains
     for step, loss in reference.items():
         assert split[step] == pytest.approx(loss, abs=1e-5), step
-    ours, theirs = _adapter(tiny["root"] / f"one-{quantize}"), _adapter(tiny["root"] / f"two-{quantize}")
+    ours, theirs = _adapter(tiny["root"] / one), _adapter(tiny["root"] / name)
     assert ours.keys() == theirs.keys()
     for key, value in ours.items():
-        torch.testing.assert_close(theirs[key], value, atol=1e-6, rtol=0)
-    config = yaml.safe_load((tiny["root"] / f"two-{quantize}" / "config.yaml").read_text())
-    assert config["distributed"] == "ddp"
+        torch.testing.assert_close(theirs[key], value, atol=tolerance, rtol=0)
+    config = yaml.safe_load((tiny["root"] / name / "config.yaml").read_text())
+    assert config["distributed"] == kind
+    if "adalora" in extra:  # every rank prunes the same ranks: the budget reads the all-reduced gradients
+        saved = [json.loads((tiny["root"] / run / "adapter" / "adapter_config.json").read_text())
+                 for run in (one, name)]
+        assert saved[0]["rank_pattern"] == saved[1]["rank_pattern"]
+        assert sum(map(sum, saved[1]["rank_pattern"].values())) == 2 * 14
 
 
-def test_a_killed_rank_stops_every_process_and_resume_continues_with_another_count(tiny):
-    """SIGKILL one of 2 ranks: all exit non-zero with one line; resuming with 1 process reproduces the losses."""
-    reference_config = _config(tiny, "ref8", max_steps=8, gradient_accumulation_steps=4, save_every=2)
-    assert _train(reference_config).returncode == 0
+@pytest.mark.parametrize("kind,resume_with", [("ddp", 1), ("fsdp", 2)])
+def test_a_killed_rank_stops_every_process_and_resume_continues(tiny, kind, resume_with):
+    """SIGKILL one of 2 ranks: all exit non-zero with one line; resuming (with 1 or 2 processes) reproduces the
+    losses of the uninterrupted run."""
+    if "ref8" not in REFERENCES:
+        assert _train(_config(tiny, "ref8", max_steps=8, gradient_accumulation_steps=4, save_every=2)).returncode == 0
+        REFERENCES["ref8"] = "ref8"
     reference = _losses(tiny["root"] / "ref8")
 
-    killed_config = _config(tiny, "killed", max_steps=2000, gradient_accumulation_steps=4, save_every=2)
+    name = f"killed-{kind}"
+    killed_config = _config(tiny, name, max_steps=2000, gradient_accumulation_steps=4, save_every=2, distributed=kind,
+                            fsdp_cpu_offload=kind == "fsdp")  # FSDP2's CPUOffloadPolicy too
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen([sys.executable, "-m", "lorakit", "train", killed_config, "--quiet", "--nproc", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    checkpoint = tiny["root"] / "killed" / "checkpoint" / "trainer_state.pt"
+    checkpoint = tiny["root"] / name / "checkpoint" / "trainer_state.pt"
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -97,9 +133,9 @@ def test_a_killed_rank_stops_every_process_and_resume_continues_with_another_cou
 
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] % 2 == 0 and 2 <= state["step"] < 8, state["step"]  # an intact, even-step checkpoint
-    resumed = _train(killed_config, "--resume", "--set", "max_steps=8")
+    resumed = _train(killed_config, "--resume", "--set", "max_steps=8", "--nproc", str(resume_with))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    losses = _losses(tiny["root"] / "killed")
+    losses = _losses(tiny["root"] / name)
     for step in range(state["step"] + 1, 9):
         assert losses[step] == pytest.approx(reference[step], abs=1e-5), step
 
@@ -115,9 +151,12 @@ def test_share_splits_a_micro_batch_in_rank_order():
 def test_bad_distributed_settings_are_refused(tiny):
     with pytest.raises(Exception, match="distributed must be one of"):
         TrainConfig(**tiny_train_config(tiny["model"], tiny["train"], tiny["root"] / "x", distributed="mpi"))
-    with pytest.raises(Exception, match="adalora"):
-        TrainConfig(**tiny_train_config(tiny["model"], tiny["train"], tiny["root"] / "x", distributed="ddp",
+    with pytest.raises(Exception, match="fsdp does not run adapter: adalora"):
+        TrainConfig(**tiny_train_config(tiny["model"], tiny["train"], tiny["root"] / "x", distributed="fsdp",
                                         adapter="adalora"))
+    with pytest.raises(Exception, match="fsdp runs optimizer: adamw only"):
+        TrainConfig(**tiny_train_config(tiny["model"], tiny["train"], tiny["root"] / "x", distributed="fsdp",
+                                        optimizer="adamw8bit"))
     result = _train(_config(tiny, "odd", batch_size=3), "--nproc", "2")
     assert result.returncode != 0
     assert "batch_size 3 does not split over 2 processes" in result.stderr
