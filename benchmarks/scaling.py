@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 RANK, ALPHA, LR = 16, 32, 2e-4
 
 
-def build(tiny: bool):
+def build(tiny: bool, untied: bool = False):
     """(model, vocab) with a QLoRA adapter: SmolLM2 NF4, or a tiny random Llama quantized the same way."""
     import lorakit as lk
 
@@ -45,7 +45,7 @@ def build(tiny: bool):
 
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=not untied)
         model = LlamaForCausalLM(config).to(torch.bfloat16)
         lk.use_fast_cpu_attention(model)
         lk.quantize_model(model, lk.QuantConfig(quant_type="nf4"))
@@ -103,7 +103,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str,
     from lorakit.train.distributed import Dist, wrap
     from lorakit.train.trainer import causal_lm_loss
 
-    model, vocab = build(args.tiny)
+    model, vocab = build(args.tiny, args.untied)
     engine = wrap(model, Dist(rank=rank, world=world, kind=kind))
     release_freed_memory()  # the whole model each process built before sharding goes back to the system
     counter, wire = [0], [0.0]
@@ -166,6 +166,8 @@ def global_loss(figures: list[dict]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="random-init tiny Llama (smoke test)")
+    parser.add_argument("--untied", action="store_true", help="tiny: an output head apart from the embedding "
+                        "(FSDP shards them as groups of their own)")
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences), split between processes")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; tiny 32)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps (median reported)")

@@ -100,6 +100,9 @@ def chunked_lm_loss(model: nn.Module, labels: torch.Tensor, **inputs: Any) -> tu
     head = model.get_output_embeddings()
     out = getattr(model, model.base_model_prefix)(**inputs)
     hidden = out[0]
+    sharded = getattr(head, "sharded_cross_entropy", None)  # a head FSDP shards on its own (train/distributed.py)
+    if sharded is not None:
+        return sharded(hidden, labels), out
     return chunked_cross_entropy(hidden, head.weight.to(hidden.dtype), labels), out
 
 

@@ -136,12 +136,13 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
 
 
 
-def evaluate_loss(model: nn.Module, dataset: list, cfg: TrainConfig, pad_id: int) -> float:
+def evaluate_loss(model: nn.Module, dataset: list, cfg: TrainConfig, pad_id: int,
+                  device: torch.device | None = None) -> float:
     """Token-weighted mean loss over a dataset, no gradients."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for batch in data_mod.batches(dataset, cfg.batch_size, seed=0, group_by_length=True, pad_id=pad_id):
             batch = {key: value.to(device) for key, value in batch.items()}
@@ -268,7 +269,10 @@ def train(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False, mo
         folder = RunFolder(run_dir, folder_state, resume, writes=dist.main)
         folder.begin()
         try:
-            run = setup(cfg, folder, model.to(device), train_set, val_set, data_stats, pad_id, changes, dist)
+            # FSDP moves each layer to the device as it shards it: the whole model is never there at once.
+            sharded = dist.active and cfg.distributed == "fsdp"
+            run = setup(cfg, folder, model if sharded else model.to(device), train_set, val_set, data_stats, pad_id,
+                        changes, dist, device)
             run_steps(run, progress and dist.main)
             return finish(run)
         except BaseException as exc:
@@ -312,10 +316,13 @@ class Run:
     epoch_orders: dict = field(default_factory=dict)
     dist: Dist = field(default_factory=Dist)
     engine: nn.Module | None = None  # what the steps run: the model, or its DDP wrapper (FSDP shards the model)
+    compute_device: torch.device | None = None  # set when parameters may live elsewhere (FSDP's CPU offload)
 
     @property
     def device(self) -> torch.device:
-        """Where the batches go: the device of the trainable parameters."""
+        """Where the batches go: the training device, else the device of the trainable parameters."""
+        if self.compute_device is not None:
+            return self.compute_device
         return next(p for p in self.model.parameters() if p.requires_grad).device
 
     @property
@@ -395,14 +402,14 @@ def make_schedule(cfg: TrainConfig, model: nn.Module, total_steps: int,
 
 
 def setup(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list, val_set: list, data_stats: dict,
-          pad_id: int, changes: dict, dist: Dist | None = None) -> Run:
+          pad_id: int, changes: dict, dist: Dist | None = None, device: torch.device | None = None) -> Run:
     """Adapter, optimizer, schedule and logs of a new or resumed run; writes config.yaml."""
     dist = dist or Dist()
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * micro_per_epoch
                                                     / cfg.gradient_accumulation_steps))
     state = prepare_model(cfg, folder, model, total_steps)
-    engine = wrap(model, dist, cpu_offload=cfg.fsdp_cpu_offload)
+    engine = wrap(model, dist, device=device, cpu_offload=cfg.fsdp_cpu_offload)
     optimizer, scheduler = make_schedule(cfg, model, total_steps, state)
     step = int(state["step"])
     resumes = list(state.get("resumes", []))
@@ -415,7 +422,7 @@ def setup(cfg: TrainConfig, folder: RunFolder, model: nn.Module, train_set: list
         write_text_atomic(folder.run_dir / CONFIG_NAME, config_yaml(cfg, resumes))
     run = Run(cfg, folder, model, optimizer, scheduler, train_set, val_set, data_stats, pad_id, step, total_steps,
               resumes, log, DivergenceWatch(vocab_size(model), start=state.get("loss_start")), dist=dist,
-              engine=engine)
+              engine=engine, compute_device=device)
     run.train_seconds = float(state.get("train_seconds", 0.0))
     run.last_loss = float(state.get("last_loss", float("nan")))
     return run
@@ -464,7 +471,7 @@ def watch_step(run: Run, record: dict[str, Any]) -> None:
         if run.divergence.diverged_at == run.step and run.dist.main:
             warn_line(diverged)
     if run.val_set and (run.step % run.cfg.eval_every == 0 or run.step == run.total_steps):
-        run.val_loss = evaluate_loss(run.model, run.val_set, run.cfg, run.pad_id)
+        run.val_loss = evaluate_loss(run.model, run.val_set, run.cfg, run.pad_id, run.device)
         record["val_loss"] = round(run.val_loss, 6)
         warning = run.watch.update(run.last_loss, run.val_loss)
         if warning:

@@ -24,12 +24,14 @@ pytestmark = pytest.mark.slow  # each test launches several Python processes tha
 def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("distributed")
     return {"model": build_tiny_model_folder(root / "model"), "root": root,
+            "untied": build_tiny_model_folder(root / "untied", tie=False),
             "train": write_jsonl(make_examples(48, seed=3), root / "train.jsonl")}
 
 
-def _config(tiny, name: str, **overrides) -> str:
+def _config(tiny, name: str, untied: bool = False, **overrides) -> str:
     defaults = dict(max_steps=4, batch_size=4, warmup_ratio=0.0, lr_scheduler="constant", learning_rate=1e-3)
-    settings = tiny_train_config(tiny["model"], tiny["train"], tiny["root"] / name, **{**defaults, **overrides})
+    model = tiny["untied" if untied else "model"]
+    settings = tiny_train_config(model, tiny["train"], tiny["root"] / name, **{**defaults, **overrides})
     path = tiny["root"] / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
     return str(path)
@@ -59,6 +61,7 @@ CASES = [("ddp", None, {}, 1e-6), ("ddp", "nf4", {}, 1e-6), ("fsdp", None, {}, 1
          ("fsdp", "nf4", {"gradient_accumulation_steps": 2, "gradient_checkpointing": True}, 1e-6),
          ("fsdp", "nf4", {"lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "use_dora": True}},
           1e-5),
+         ("fsdp", "nf4", {"untied": True}, 1e-6),  # the head and embedding as FSDP groups of their own
          ("ddp", None, {"adapter": "adalora", "adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2,
                                                           "deltaT": 1, "lora_alpha": 8,
                                                           "target_modules": "all-linear"}}, 1e-6)]
@@ -75,11 +78,12 @@ def _one_process(tiny, quantize, extra) -> str:
 
 
 @pytest.mark.parametrize("kind,quantize,extra,tolerance", CASES, ids=["ddp", "ddp-nf4", "fsdp", "fsdp-nf4-accum-ckpt",
-                                                                       "fsdp-nf4-dora", "ddp-adalora"])
+                                                                       "fsdp-nf4-dora", "fsdp-nf4-untied",
+                                                                       "ddp-adalora"])
 def test_two_processes_train_what_one_process_trains(tiny, kind, quantize, extra, tolerance):
     """2 processes, same global batch: per-step losses within 1e-5, the saved adapters within 1e-6 (DoRA 1e-5)."""
     one = _one_process(tiny, quantize, extra)
-    name = f"two-{kind}-{quantize}-{len(extra)}-{'lora' in extra}-{'adalora' in extra}"
+    name = f"two-{kind}-{quantize}-" + "-".join(sorted(extra))
     two = _train(_config(tiny, name, quantize=quantize, distributed=kind, **extra), "--nproc", "2")
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("done: 4 steps") == 1  # rank 0 alone reports

@@ -103,3 +103,25 @@ def test_storage_needs_a_float_dtype_dividing_the_bytes():
     layer.to(torch.float32)  # a cast of the module leaves the stored bytes alone
     assert layer.packed.dtype == torch.bfloat16
     torch.testing.assert_close(layer(x), expected, atol=0, rtol=0)
+
+
+def test_an_untied_head_and_embedding_shard_as_groups_of_their_own(group):
+    """The chunked loss through FSDP2 with the head and embedding as their own groups: the same loss and
+    adapter gradients as unsharded, and the head is sharded again once the backward is done."""
+    from lorakit.fast_training import chunked_lm_loss
+
+    model = _qlora_model()
+    reference = copy.deepcopy(model)
+    inputs = {"input_ids": TOKENS, "attention_mask": torch.ones_like(TOKENS), "use_cache": False}
+    expected = chunked_lm_loss(reference, TOKENS, **inputs)[0]
+    expected.backward()
+    shard(model, Dist(rank=0, world=1, kind="fsdp"))
+    assert isinstance(model.lm_head, FSDPModule) and isinstance(model.model.embed_tokens, FSDPModule)
+    loss = model.sharded_chunked_loss(TOKENS, **inputs)[0]
+    loss.backward()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    grads = {name: p.grad for name, p in reference.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad.full_tensor(), grads[name], atol=1e-6, rtol=0)
+    assert isinstance(model.lm_head.weight, DTensor)  # resharded after its backward
