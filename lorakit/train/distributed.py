@@ -179,7 +179,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def shard(model: nn.Module, dist: Dist, device: torch.device | None = None, cpu_offload: bool = False,
           param_dtype: torch.dtype | None = None) -> nn.Module:
-    """FSDP2 over the model: each decoder layer a group, the root (embeddings, norm, head) the last.
+    """FSDP2 over the model: each decoder layer a group, an untied embedding and head a group each, the root
+    (the final norm, and a tied embedding/head) the last.
 
     The model may still be on the CPU: each fully_shard call moves that group's parameters to `device` and
     keeps this rank's shard, so a device never holds the whole model.
@@ -212,17 +213,17 @@ def shard(model: nn.Module, dist: Dist, device: torch.device | None = None, cpu_
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and head.weight is not embeddings.weight:
-        # Untied, they get groups of their own: gathered only while used, not with the root from the
-        # forward to the backward (4.2 GB per GPU for a 70B Llama). The chunked loss uses the head's weight
-        # outside its forward, so it runs as a method FSDP gathers for.
+    if head is not None and getattr(head, "weight", None) is not getattr(embeddings, "weight", None):
+        # Untied, they get groups of their own: gathered only while used, not held with the root from the
+        # forward to the backward (they are a large model's largest matrices). The chunked loss uses the
+        # head's weight outside its forward, so it runs as a method FSDP gathers for.
         fully_shard(embeddings, **options)
         fully_shard(head, **options)
         head.sharded_cross_entropy = types.MethodType(_head_cross_entropy, head)
         register_fsdp_forward_method(head, "sharded_cross_entropy")
     fully_shard(model, **options)
     # The chunked loss runs the backbone and the head's weight without the root's forward: as a method
-    # registered with FSDP, it gathers the root's weights (embeddings, norm, head) as forward does.
+    # registered with FSDP, it gathers the root's weights as forward does.
     model.sharded_chunked_loss = types.MethodType(chunked_lm_loss, model)
     register_fsdp_forward_method(model, "sharded_chunked_loss")
     return model
