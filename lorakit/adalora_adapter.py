@@ -25,19 +25,20 @@ from lorakit.inject import (
     finish_adding,
     resolve_targets,
 )
-from lorakit.lora import LoraLayer, ModulesToSave, is_linear_like
+from lorakit.lora import LoraLayer, is_linear_like
 from lorakit.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_base,
     copy_into,
-    modules_to_save_shapes,
+    freeze_saved_modules,
     read_adapter_tensors,
+    saved_extra_shapes,
     saved_extras,
     tuner_config_dict,
     write_adapter_folder,
 )
-from lorakit.peft_keys import peft_key, saved_bias_names
+from lorakit.peft_keys import peft_key
 from lorakit.vera import linear_features
 
 
@@ -117,11 +118,7 @@ def expected_shapes(model: nn.Module, config: AdaLoraConfig) -> dict[str, tuple[
         shapes[peft_key(target, "lora_A")] = (rank, fan_in)
         shapes[peft_key(target, "lora_E")] = (rank, 1)
         shapes[peft_key(target, "lora_B")] = (fan_out, rank)
-    shapes.update(modules_to_save_shapes(model, config))
-    params = dict(model.named_parameters())
-    for param, key in saved_bias_names(params, set(targets), config.bias).items():
-        shapes[key] = tuple(params[param].shape)
-    return shapes
+    return {**shapes, **saved_extra_shapes(model, config, set(targets), config.bias)}
 
 
 def load_adapter(model: nn.Module, folder: Path, config: AdaLoraConfig, name: str = "default",
@@ -146,9 +143,7 @@ def load_adapter(model: nn.Module, folder: Path, config: AdaLoraConfig, name: st
         for _, layer in adalora_layers(model, name):
             for table in (layer.lora_A, layer.lora_E, layer.lora_B):
                 table[name].requires_grad_(False)
-        for module in model.modules():
-            if isinstance(module, ModulesToSave) and name in module.modules_to_save:
-                module.modules_to_save[name].requires_grad_(False)
+        freeze_saved_modules(model, name)
     return model
 
 

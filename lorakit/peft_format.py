@@ -63,6 +63,21 @@ def saved_extras(model: nn.Module, name: str, adapted: set[str], bias: str) -> d
     return tensors
 
 
+def saved_extra_shapes(model: nn.Module, config, adapted: set[str], bias: str) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of `saved_extras` an adapter with `config` writes (VeRA, AdaLoRA): for checking a file."""
+    shapes = modules_to_save_shapes(model, config)
+    params = dict(model.named_parameters())
+    shapes.update((key, tuple(params[param].shape)) for param, key in saved_bias_names(params, adapted, bias).items())
+    return shapes
+
+
+def freeze_saved_modules(model: nn.Module, name: str) -> None:
+    """Make adapter `name`'s modules_to_save copies untrainable (a load without is_trainable)."""
+    for module in model.modules():
+        if isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            module.modules_to_save[name].requires_grad_(False)
+
+
 def tuner_config_dict(model: nn.Module, name: str, peft_type: str, layers: list[tuple[str, nn.Module]]) -> dict:
     """adapter_config.json for a VeRA or AdaLoRA adapter: its fields, resolved targets, PEFT's bookkeeping keys."""
     data = _config(model, name).to_dict()

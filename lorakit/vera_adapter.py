@@ -24,19 +24,20 @@ from lorakit.inject import (
     finish_adding,
     resolve_targets,
 )
-from lorakit.lora import LoraLayer, ModulesToSave, _adapter_dtype, _param_device, is_linear_like
+from lorakit.lora import LoraLayer, _adapter_dtype, _param_device, is_linear_like
 from lorakit.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_base,
     copy_into,
-    modules_to_save_shapes,
+    freeze_saved_modules,
     read_adapter_tensors,
+    saved_extra_shapes,
     saved_extras,
     tuner_config_dict,
     write_adapter_folder,
 )
-from lorakit.peft_keys import peft_key, saved_bias_names
+from lorakit.peft_keys import peft_key
 from lorakit.vera import VeraConfig, VeraLinear, VeraProjections, linear_features, vera_projections
 
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
@@ -141,11 +142,7 @@ def expected_shapes(model: nn.Module, config: VeraConfig) -> dict[str, tuple[int
         shapes[peft_key(target, "vera_lambda_d")] = (config.r,)
     if config.save_projection:
         shapes.update(zip(PROJECTION_KEYS, ((config.r, max_in), (max_out, config.r))))
-    shapes.update(modules_to_save_shapes(model, config))
-    params = dict(model.named_parameters())
-    for param, key in saved_bias_names(params, set(targets), _lora_bias(config.bias)).items():
-        shapes[key] = tuple(params[param].shape)
-    return shapes
+    return {**shapes, **saved_extra_shapes(model, config, set(targets), _lora_bias(config.bias))}
 
 
 def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
@@ -182,9 +179,7 @@ def load_adapter(model: nn.Module, folder: Path, config: VeraConfig, name: str =
         for _, layer in _vera_layers(model, name):
             layer.vera_lambda_b[name].requires_grad_(False)
             layer.vera_lambda_d[name].requires_grad_(False)
-        for module in model.modules():
-            if isinstance(module, ModulesToSave) and name in module.modules_to_save:
-                module.modules_to_save[name].requires_grad_(False)
+        freeze_saved_modules(model, name)
     return model
 
 
